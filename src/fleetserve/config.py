@@ -1,0 +1,221 @@
+"""The fleet file: one YAML document that describes the engines, the router, the SLO and the gateway.
+
+Every command (`serve`, `engine emulate --fleet`, `sim`, `demo`) reads it through `load_fleet`, which
+validates it into typed objects and reports a bad key with its path and line in the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+EngineKind = Literal["emulated", "llamacpp", "vllm", "sglang", "external"]
+MetricsDialect = Literal["vllm", "sglang", "trtllm", "llamacpp", "none"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EngineArgs(_Strict):
+    """Engine-side knobs, named as vLLM names them. The engine model and the launchers both read these."""
+
+    block_size: int = Field(16, ge=1, description="Tokens per KV-cache block.")
+    max_num_seqs: int = Field(256, ge=1, description="Most sequences running in one iteration.")
+    max_num_batched_tokens: int = Field(8192, ge=1, description="Token budget of one iteration.")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="Fraction of GPU memory the engine may use (weights + KV cache)."
+    )
+    enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of identical prompt prefixes.")
+    enable_chunked_prefill: bool = Field(True, description="Split long prompts across iterations.")
+    scheduling_policy: Literal["fcfs", "priority"] = Field("fcfs", description="Waiting-queue order.")
+    max_loras: int = Field(4, ge=0, description="LoRA adapters resident in GPU slots at once.")
+    max_cpu_loras: int = Field(16, ge=0, description="LoRA adapters cached in host memory.")
+    max_lora_rank: int = Field(16, ge=1, description="Largest adapter rank accepted.")
+
+
+class EngineGroup(_Strict):
+    """One line of `engines:`: `replicas` identical engines."""
+
+    name: str = Field(description="Group name; replicas are named NAME-0, NAME-1, ...")
+    kind: EngineKind = Field(
+        "emulated", description="emulated, llamacpp/vllm/sglang (launched), or external (has a url)."
+    )
+    model: str = Field(description="Model name as clients request it (a catalog entry for emulated).")
+    gpu: str | None = Field(None, description="GPU catalog name; required for emulated engines.")
+    replicas: int = Field(1, ge=1, description="How many identical engines this line describes.")
+    tp: int = Field(1, ge=1, description="Tensor-parallel degree.")
+    url: str | None = Field(None, description="Base URL of an engine that is already running.")
+    dialect: MetricsDialect = Field("vllm", description="Which metric names the engine exposes.")
+    port: int | None = Field(None, ge=1, le=65535, description="First port for launched replicas.")
+    adapters: list[str] = Field(default_factory=list, description="LoRA adapters loaded at start.")
+    time_scale: float = Field(1.0, gt=0, description="Emulated engines: stretch every duration by this.")
+    kv_events: bool = Field(False, description="Emulated engines: publish KV events over ZMQ.")
+    engine_args: EngineArgs = Field(default_factory=EngineArgs, description="Engine-side knobs.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _url_means_external(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("url") and "kind" not in data:
+            data = {**data, "kind": "external"}
+        return data
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> EngineGroup:
+        if self.kind == "external" and not self.url:
+            raise ValueError("an external engine needs a url")
+        if self.kind != "external" and self.url:
+            raise ValueError(f"a {self.kind} engine is launched by fleetserve and takes no url")
+        if self.kind == "external" and self.replicas != 1:
+            raise ValueError("an external engine is one url: use one line per engine")
+        if self.kind in ("emulated", "vllm", "sglang") and not self.gpu:
+            raise ValueError(f"a {self.kind} engine needs a gpu")
+        return self
+
+
+class RouterConfig(_Strict):
+    policy: str = Field("least_request", description="Routing policy name.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Policy parameters.")
+    allow_policy_header: bool = Field(
+        False, description="Let a request pick its policy with the x-fleetserve-policy header."
+    )
+    debug_header: bool = Field(False, description="Add x-fleetserve-route with the decision's reason.")
+
+
+class SLOConfig(_Strict):
+    ttft_ms: float = Field(1000.0, gt=0, description="Time-to-first-token objective.")
+    tpot_ms: float = Field(100.0, gt=0, description="Time-per-output-token objective.")
+
+
+class GatewayConfig(_Strict):
+    host: str = Field("127.0.0.1", description="Address the gateway listens on.")
+    port: int = Field(8000, ge=0, le=65535, description="Gateway port (0 picks a free one).")
+    admin_port: int | None = Field(None, ge=0, le=65535, description="Admin API port; off when unset.")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Larger request bodies get 413.")
+    max_queue: int = Field(1024, ge=1, description="Requests in flight at the gateway before 429.")
+    max_retries: int = Field(2, ge=0, description="Retries on another engine before the first byte.")
+    connect_timeout_s: float = Field(2.0, gt=0, description="Upstream connect timeout.")
+    first_token_timeout_s: float = Field(60.0, gt=0, description="Upstream time to first byte.")
+    total_timeout_s: float = Field(600.0, gt=0, description="Upstream total time per request.")
+    scrape_interval_s: float = Field(0.2, gt=0, description="Engine /metrics scrape period.")
+    health_interval_s: float = Field(1.0, gt=0, description="Active health-check period.")
+    eject_after_failures: int = Field(3, ge=1, description="Consecutive failures before ejection.")
+    eject_duration_s: float = Field(5.0, gt=0, description="Time an ejected engine waits for a probe.")
+
+
+class EmulatorConfig(_Strict):
+    host: str = Field("127.0.0.1", description="Address the emulated engines listen on.")
+    base_port: int = Field(8100, ge=1, le=65535, description="Port of the first emulated engine.")
+
+
+class FleetConfig(_Strict):
+    engines: list[EngineGroup] = Field(description="The engines of the fleet.")
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    slo: SLOConfig = Field(default_factory=SLOConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    emulator: EmulatorConfig = Field(default_factory=EmulatorConfig)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> FleetConfig:
+        names = [group.name for group in self.engines]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"engine names must be unique: {', '.join(duplicates)}")
+        if not self.engines:
+            raise ValueError("a fleet needs at least one engine")
+        return self
+
+    def instances(self) -> list[EngineInstance]:
+        """Every engine replica with its id and, for emulated and launched engines, its port."""
+        out: list[EngineInstance] = []
+        next_port = self.emulator.base_port
+        for group in self.engines:
+            for index in range(group.replicas):
+                engine_id = group.name if group.replicas == 1 else f"{group.name}-{index}"
+                if group.kind == "external":
+                    out.append(EngineInstance(engine_id, group, None, group.url or ""))
+                    continue
+                if group.port is not None:
+                    port = group.port + index
+                else:
+                    port, next_port = next_port, next_port + 1
+                url = f"http://{self.emulator.host}:{port}"
+                out.append(EngineInstance(engine_id, group, port, url))
+        return out
+
+
+@dataclass(frozen=True)
+class EngineInstance:
+    """One engine replica: the group it came from, and where it listens."""
+
+    engine_id: str
+    group: EngineGroup
+    port: int | None
+    url: str
+
+
+class ConfigError(ValueError):
+    """A fleet file that does not validate; the message names each bad key and its line."""
+
+
+def load_fleet(path: str | Path) -> FleetConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the fleet file: {exc.strerror}") from exc
+    return parse_fleet(text, source=str(path))
+
+
+def parse_fleet(text: str, source: str = "<fleet>") -> FleetConfig:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a fleet file is a mapping with an `engines:` list")
+    try:
+        return FleetConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            location = error["loc"]
+            key = _dotted(location)
+            line = _line_of(node, location)
+            where = f"{source}:{line}" if line else source
+            lines.append(f"{where}: {key or '(top level)'}: {error['msg']}")
+        raise ConfigError("invalid fleet file\n" + "\n".join(lines)) from None
+
+
+def _dotted(location: tuple[Any, ...]) -> str:
+    out = ""
+    for part in location:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not str(part).startswith("function-"):
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _line_of(node: yaml.Node | None, location: tuple[Any, ...]) -> int | None:
+    """The 1-based line of the deepest YAML node on `location` that exists in the file."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in location:
+        if isinstance(node, yaml.MappingNode):
+            match = next((value for key, value in node.value if key.value == part), None)
+            key_node = next((key for key, _ in node.value if key.value == part), None)
+            if match is None:
+                return line
+            line = key_node.start_mark.line + 1 if key_node is not None else line
+            node = match
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line

@@ -1,0 +1,1 @@
+"""OpenAI-shaped requests, responses, SSE framing and errors, shared by the gateway and the emulator."""
