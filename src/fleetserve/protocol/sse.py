@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import orjson
 
 DONE = b"data: [DONE]\n\n"
+_EVENT_END = re.compile(rb"\r?\n\r?\n")
 
 
 def sse_event(payload: object) -> bytes:
@@ -25,19 +27,13 @@ class SSEDecoder:
         self._buffer = b""
 
     def feed(self, chunk: bytes) -> Iterator[bytes]:
-        self._buffer += chunk
-        while True:
-            end = self._find_event_end()
-            if end is None:
-                return
-            event, self._buffer = self._buffer[: end[0]], self._buffer[end[1] :]
+        buffer = self._buffer + chunk if self._buffer else chunk
+        start = 0
+        # Scan with an offset and cut the buffer once per feed, so a read holding many events stays linear.
+        while (end := _EVENT_END.search(buffer, start)) is not None:
+            event = buffer[start : end.start()]
+            start = end.end()
             data = [line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")]
             if data:
                 yield b"\n".join(data)
-
-    def _find_event_end(self) -> tuple[int, int] | None:
-        for separator in (b"\n\n", b"\r\n\r\n"):
-            index = self._buffer.find(separator)
-            if index >= 0:
-                return index, index + len(separator)
-        return None
+        self._buffer = buffer[start:]

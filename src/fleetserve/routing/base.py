@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
 
 @dataclass(slots=True)
@@ -97,23 +98,26 @@ class RejectRequest(Exception):
         self.message = message
 
 
-@dataclass
 class Policy(ABC):
-    """A routing policy. Subclasses set `name` and implement `choose`; the hooks are optional."""
+    """A routing policy. Subclasses set `name` and implement `choose`; the hooks are optional.
 
-    name: str = field(init=False, default="")
+    Constructor parameters are keyword-only and come from the fleet file's `router.params`; a policy
+    that draws random numbers takes `seed` and owns its `random.Random`, so a run is reproducible.
+    """
+
+    name: ClassVar[str]
 
     @abstractmethod
     def choose(self, request: RequestInfo, view: FleetView, now: float) -> Decision:
         """Pick an engine. Raises NoEngineAvailable or RejectRequest."""
 
-    def on_dispatch(self, request: RequestInfo, engine_id: str, now: float) -> None:
+    def on_dispatch(self, request: RequestInfo, engine_id: str, now: float) -> None:  # noqa: B027 (optional hook)
         """The request was sent to `engine_id`."""
 
-    def on_first_token(self, request: RequestInfo, engine_id: str, now: float) -> None:
+    def on_first_token(self, request: RequestInfo, engine_id: str, now: float) -> None:  # noqa: B027 (optional hook)
         """The first output byte of the request arrived from `engine_id`."""
 
-    def on_finish(self, request: RequestInfo, engine_id: str, now: float) -> None:
+    def on_finish(self, request: RequestInfo, engine_id: str, now: float) -> None:  # noqa: B027 (optional hook)
         """The request finished on `engine_id` (successfully or not)."""
 
 

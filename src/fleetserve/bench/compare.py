@@ -1,0 +1,108 @@
+"""Side by side: benchmark reports (the JSON `fleetserve bench` writes) as one table and one figure."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+from rich.table import Table
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    name: str
+    data: dict[str, Any]
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self.data["summary"]
+
+    def per_request(self, key: str) -> list[float]:
+        """One per-request value (seconds) over completed requests, e.g. "ttft" or "tpot"."""
+        return [r[key] for r in self.data.get("requests", []) if r.get("ok") and r.get(key) is not None]
+
+
+def load_reports(paths: Sequence[str | Path]) -> list[Report]:
+    reports = []
+    for path in paths:
+        data = orjson.loads(Path(path).read_bytes())
+        if not isinstance(data, dict) or "summary" not in data:
+            raise ValueError(f"{path} is not a fleetserve bench report")
+        reports.append(Report(data.get("label") or Path(path).stem, data))
+    return reports
+
+
+def _number(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    failures = summary["failures"]
+    rows = [
+        ("sent", str(summary["sent"])),
+        ("completed", str(summary["completed"])),
+        ("failed", str(summary["failed"])),
+        ("failures", ", ".join(f"{kind} {count}" for kind, count in failures.items()) or "-"),
+        ("duration (s)", _number(summary["duration_s"], 2)),
+        ("requests/s", _number(summary["request_throughput"], 2)),
+        ("output tokens/s", _number(summary["output_token_throughput"], 1)),
+        ("goodput (req/s)", _number(summary["goodput"], 2)),
+    ]
+    for metric, title in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"), ("e2e_ms", "E2E")):
+        stats = summary[metric]
+        for stat in ("mean", "median", "p90", "p99"):
+            rows.append((f"{title} {stat} (ms)", _number(stats[stat], 2)))
+    rows.append(("send lag p99 (ms)", _number(summary["send_lag_ms"]["p99"], 2)))
+    return rows
+
+
+def comparison_table(reports: Sequence[Report], title: str = "fleetserve bench") -> Table:
+    """One column per run, one row per figure."""
+    table = Table(title=title)
+    table.add_column("metric", style="bold")
+    for report in reports:
+        table.add_column(report.name, justify="right")
+    per_report = [_rows(report.summary) for report in reports]
+    for position, (label, _) in enumerate(per_report[0] if per_report else []):
+        table.add_row(label, *(rows[position][1] for rows in per_report))
+    return table
+
+
+def plot_reports(reports: Sequence[Report], path: str | Path) -> None:
+    """TTFT, TPOT and E2E CDFs of every run, and a bar chart of throughput and goodput."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    figure, axes = plt.subplots(2, 2, figsize=(12, 8))
+    for axis, (key, title) in zip(
+        axes.flat[:3], (("ttft", "TTFT"), ("tpot", "TPOT"), ("e2e", "E2E latency")), strict=True
+    ):
+        for report in reports:
+            values = np.sort(np.asarray(report.per_request(key)) * 1000.0)
+            if len(values):
+                axis.plot(values, np.arange(1, len(values) + 1) / len(values), label=report.name)
+        axis.set_title(f"{title} CDF")
+        axis.set_xlabel("ms")
+        axis.set_ylabel("fraction of requests")
+        axis.grid(alpha=0.3)
+        if axis.has_data():
+            axis.legend(fontsize="small")
+    bars = axes.flat[3]
+    positions = np.arange(len(reports))
+    width = 0.4
+    throughput = [report.summary["request_throughput"] for report in reports]
+    goodput = [report.summary["goodput"] or 0.0 for report in reports]
+    bars.bar(positions - width / 2, throughput, width, label="requests/s")
+    bars.bar(positions + width / 2, goodput, width, label="goodput (req/s within SLO)")
+    bars.set_xticks(positions, [report.name for report in reports], rotation=20, ha="right")
+    bars.set_title("throughput")
+    bars.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -1,0 +1,300 @@
+"""`fleetserve sim`: replay a trace against a simulated fleet, find its capacity, or sweep policies,
+fleet shapes and rates."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+
+from fleetserve.config import ConfigError, FleetConfig, load_fleet
+from fleetserve.routing import make_policy
+from fleetserve.sim import SimInputError, SimOptions, find_capacity, plan_cells, run_sweep, simulate
+from fleetserve.sim.capacity import Probe
+from fleetserve.workload import TraceFormatError, TraceRequest, TransformSpec, apply_transforms, read_trace
+
+
+def _config_option(required: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(
+        "-c", "--config", "config_path", type=click.Path(exists=True, dir_okay=False), required=required,
+        help="Fleet file (the same one the gateway reads).",
+    )  # fmt: skip
+
+
+def _trace_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--trace", "trace_path", type=click.Path(exists=True, dir_okay=False),
+                     help="Trace file (fleetserve/Mooncake JSONL, Azure, BurstGPT, ... CSV)."),
+        click.option("--format", "trace_format", default="auto", show_default=True, help="Trace format."),
+        click.option("--limit", type=click.IntRange(min=1), help="Replay only the first N requests."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for policies that draw."),
+        click.option("--sync-interval", type=click.FloatRange(min=0), default=None,
+                     help="Seconds between fleet syncs (scraped metrics, hooks); default: the fleet "
+                     "file's gateway.scrape_interval_s; 0 syncs before every arrival."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress display."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _json_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(
+        "--json", "json_path", is_flag=False, flag_value="-", default=None, metavar="[PATH]", help=help_text
+    )
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Bad input becomes a one-line error and exit status 1, not a traceback."""
+    try:
+        yield
+    except (ConfigError, TraceFormatError, SimInputError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _check_policy(name: str | None, config: FleetConfig) -> None:
+    """Fail before simulating when the policy or its parameters are unknown."""
+    name = name or config.router.policy
+    params = dict(config.router.params) if name == config.router.policy else {}
+    try:
+        make_policy(name, params)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _load(
+    config_path: str, trace_path: str | None, fmt: str, limit: int | None, rate_scale: float = 1.0
+) -> tuple[FleetConfig, list[TraceRequest]]:
+    if trace_path is None:
+        raise click.UsageError("--trace is required")
+    config = load_fleet(config_path)
+    spec = TransformSpec(rate_scale=rate_scale, limit=limit)
+    try:
+        trace = apply_transforms(read_trace(trace_path, fmt), spec)
+    except ValueError as exc:  # an unknown format name, or a transform the trace does not allow
+        raise click.ClickException(str(exc)) from None
+    if not trace:
+        raise click.ClickException(f"{trace_path}: the trace has no requests")
+    return config, trace
+
+
+def _options(sync_interval: float | None) -> SimOptions:
+    return SimOptions(sync_interval_s=sync_interval)
+
+
+@contextmanager
+def _progress(enabled: bool, description: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A rich progress bar on stderr, only for a person watching a terminal."""
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    with Progress(
+        "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=Console(stderr=True), transient=True,
+    ) as progress:  # fmt: skip
+        task = progress.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        yield update
+
+
+def _write_json(payload: Any, path: str) -> None:
+    data = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+    if path == "-":
+        sys.stdout.write(data.decode() + "\n")
+        sys.stdout.flush()
+    else:
+        Path(path).write_bytes(data + b"\n")
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"policy {summary['policy']} on {summary['fleet']['engines']} engines")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("requests", f"{summary['requests']} ({summary['failed']} failed)")
+    for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+        stats = summary[key]
+        if stats["p50"] is not None:
+            table.add_row(key, f"p50 {stats['p50']:.1f}  p90 {stats['p90']:.1f}  p99 {stats['p99']:.1f}")
+    table.add_row("SLO attainment", f"{summary['slo_attainment']:.1%}")
+    table.add_row("goodput", f"{summary['goodput_rps']:.2f} req/s")
+    table.add_row("throughput", f"{summary['throughput_tok_s']:.0f} output tok/s")
+    table.add_row("prefix hit rate", f"{summary['prefix_hit_rate']:.1%}")
+    table.add_row("preemptions", str(summary["preemptions"]))
+    table.add_row("cost", f"${summary['cost_usd']:.2f} over {summary['duration_s']:.1f} s simulated")
+    table.add_row("speed", f"{summary['sim_requests_per_s']:.0f} requests/s in {summary['wall_s']:.2f} s")
+    Console().print(table)
+    for reason, count in summary["failures"].items():
+        click.echo(f"failed: {count} x {reason}", err=True)
+
+
+@click.group("sim", invoke_without_command=True)
+@_config_option(required=False)
+@_trace_options
+@click.option("--policy", help="Routing policy (default: the fleet file's router.policy).")
+@click.option("--rate-scale", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Multiply the trace's arrival rate.")  # fmt: skip
+@_json_option("Write the summary as JSON to PATH (bare --json: one line on stdout).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write an HTML report.")
+@click.pass_context
+def sim(
+    ctx: click.Context,
+    config_path: str | None,
+    trace_path: str | None,
+    trace_format: str,
+    limit: int | None,
+    seed: int,
+    sync_interval: float | None,
+    quiet: bool,
+    policy: str | None,
+    rate_scale: float,
+    json_path: str | None,
+    report_path: str | None,
+) -> None:
+    """Replay a trace against the simulated fleet a fleet file describes."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if config_path is None:
+        raise click.UsageError("-c/--config is required")
+    with _user_errors():
+        config, trace = _load(config_path, trace_path, trace_format, limit, rate_scale)
+        _check_policy(policy, config)
+        with _progress(not quiet, "simulating") as progress:
+            result = simulate(config, trace, policy, seed, options=_options(sync_interval), progress=progress)
+    summary = result.summary
+    if json_path is not None:
+        _write_json(summary, json_path)
+    if report_path is not None:
+        from fleetserve.sim.report import render_report
+
+        render_report([summary], report_path, title=f"fleetserve sim: {Path(config_path).name}")
+    if json_path != "-":
+        _print_summary(summary)
+
+
+@sim.command("capacity")
+@_config_option()
+@_trace_options
+@click.option("--policy", help="Routing policy (default: the fleet file's router.policy).")
+@click.option("--target", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
+              help="SLO attainment the fleet must keep.")  # fmt: skip
+@click.option("--tolerance", type=click.FloatRange(min=0, min_open=True), default=0.02, show_default=True,
+              help="Stop when the bracket is this close (relative).")  # fmt: skip
+@click.option("--max-probes", type=click.IntRange(min=1), default=20, show_default=True)
+@_json_option("Print the result as one JSON line (or write it to PATH).")
+def capacity(
+    config_path: str,
+    trace_path: str | None,
+    trace_format: str,
+    limit: int | None,
+    seed: int,
+    sync_interval: float | None,
+    quiet: bool,
+    policy: str | None,
+    target: float,
+    tolerance: float,
+    max_probes: int,
+    json_path: str | None,
+) -> None:
+    """The highest arrival rate at which SLO attainment stays >= target."""
+
+    def show(probe: Probe) -> None:
+        if not quiet:
+            click.echo(
+                f"probe {probe.rate_rps:.3f} req/s: SLO attainment {probe.slo_attainment:.1%}", err=True
+            )
+
+    with _user_errors():
+        config, trace = _load(config_path, trace_path, trace_format, limit)
+        _check_policy(policy, config)
+        result = find_capacity(
+            config, trace, policy, target=target, seed=seed, options=_options(sync_interval),
+            tolerance=tolerance, max_probes=max_probes, on_probe=show,
+        )  # fmt: skip
+    if json_path is not None:
+        _write_json(result.to_json(), json_path)
+    if json_path != "-":
+        bound = "" if result.bounded else " (at least; no probed rate missed the target)"
+        click.echo(
+            f"capacity {result.capacity_rps:.3f} req/s{bound} with SLO attainment "
+            f"{result.slo_attainment:.1%} (target {target:.0%})"
+        )
+
+
+def _split(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+@sim.command("sweep")
+@_config_option()
+@_trace_options
+@click.option("--policies", help="Comma-separated policies (default: the fleet file's router.policy).")
+@click.option("--rates", help="Comma-separated arrival rates in requests/s (default: the trace's own).")
+@click.option("--fleets", help="Comma-separated extra fleet files to sweep alongside -c.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Local worker processes.")  # fmt: skip
+@click.option(
+    "--ray",
+    "ray_address",
+    metavar="ADDRESS",
+    help="Run the cells as Ray tasks on this cluster ('auto', 'ray://host:10001', 'local').",
+)
+@_json_option("Write all cells' summaries as JSON to PATH (bare --json: stdout).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write an HTML report.")
+def sweep(
+    config_path: str,
+    trace_path: str | None,
+    trace_format: str,
+    limit: int | None,
+    seed: int,
+    sync_interval: float | None,
+    quiet: bool,
+    policies: str | None,
+    rates: str | None,
+    fleets: str | None,
+    workers: int,
+    ray_address: str | None,
+    json_path: str | None,
+    report_path: str | None,
+) -> None:
+    """Simulate every combination of policies, fleet shapes and arrival rates, in parallel."""
+    with _user_errors():
+        config, trace = _load(config_path, trace_path, trace_format, limit)
+        shapes = [(Path(config_path).stem, config)]
+        shapes += [(Path(path).stem, load_fleet(path)) for path in _split(fleets) if path != config_path]
+        policy_names = _split(policies) or [config.router.policy]
+        for name in policy_names:
+            _check_policy(name, config)
+        rate_values: list[float | None] = [float(rate) for rate in _split(rates)] or [None]
+        if any(rate is not None and rate <= 0 for rate in rate_values):
+            raise click.BadParameter("rates must be > 0", param_hint="--rates")
+        cells = plan_cells(shapes, policy_names, rate_values, seed, _options(sync_interval))
+        with _progress(not quiet, f"{len(cells)} simulations") as progress:
+            results = run_sweep(cells, trace, workers=workers, ray_address=ray_address, on_done=progress)
+    if json_path is not None:
+        _write_json({"cells": results}, json_path)
+    if report_path is not None:
+        from fleetserve.sim.report import render_report
+
+        render_report(results, report_path, title=f"fleetserve sim sweep: {len(results)} runs")
+    if json_path != "-":
+        for result in results:
+            click.echo(
+                f"{result['fleet_name']:>16} {result['policy']:>16} {result['rate_rps']:8.3f} req/s  "
+                f"SLO {result['slo_attainment']:6.1%}  TTFT p99 {result['ttft_ms']['p99'] or 0:9.1f} ms  "
+                f"${result['cost_usd']:.2f}"
+            )

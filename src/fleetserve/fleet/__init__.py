@@ -1,0 +1,1 @@
+"""The live view of the engines: registry, health checks, metrics scraping, routing snapshots."""

@@ -1,0 +1,95 @@
+"""The admin API, on its own port and off unless `gateway.admin_port` is set: list, add and remove
+engines while the gateway runs. It is not for clients, so it lives apart from the OpenAI endpoints."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from fleetserve.config import MetricsDialect
+from fleetserve.fleet.registry import EngineState
+from fleetserve.gateway.app import Gateway
+from fleetserve.protocol.errors import error_body
+
+
+class NewEngine(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, description="Engine id, unique in the fleet.")
+    url: str = Field(pattern=r"^https?://", description="Base URL, e.g. http://10.0.0.5:8000")
+    model: str = Field(min_length=1, description="Model name as clients request it.")
+    gpu: str | None = None
+    tp: int = Field(1, ge=1)
+    dialect: MetricsDialect = "vllm"
+    adapters: list[str] = Field(default_factory=list)
+    block_size: int = Field(16, ge=1)
+    max_loras: int = Field(0, ge=0)
+
+
+def describe(engine: EngineState) -> dict[str, Any]:
+    metrics = engine.metrics
+    return {
+        "id": engine.engine_id,
+        "url": engine.url,
+        "model": engine.model,
+        "gpu": engine.gpu,
+        "tp": engine.tp,
+        "dialect": engine.dialect,
+        "adapters": sorted(engine.adapters),
+        "state": engine.health.state.value,
+        "in_flight": engine.in_flight,
+        "capacity": engine.capacity,
+        "running": metrics.running if metrics else None,
+        "waiting": metrics.waiting if metrics else None,
+        "kv_usage": metrics.kv_usage if metrics else None,
+    }
+
+
+def admin_app(gateway: Gateway) -> Starlette:
+    async def list_engines(request: Request) -> Response:
+        return JSONResponse({"engines": [describe(engine) for engine in gateway.registry.engines()]})
+
+    async def add_engine(request: Request) -> Response:
+        try:
+            spec = NewEngine.model_validate_json(await request.body())
+        except ValidationError as exc:
+            return JSONResponse(error_body(400, _first_error(exc)), status_code=400)
+        if spec.id in gateway.registry:
+            return JSONResponse(error_body(409, f"engine {spec.id!r} already exists"), status_code=409)
+        engine = gateway.add_engine(
+            spec.id,
+            spec.url,
+            spec.model,
+            gpu=spec.gpu,
+            tp=spec.tp,
+            dialect=spec.dialect,
+            adapters=spec.adapters,
+            block_size=spec.block_size,
+            max_loras=spec.max_loras,
+        )
+        return JSONResponse(describe(engine), status_code=201)
+
+    async def remove_engine(request: Request) -> Response:
+        engine_id = request.path_params["engine_id"]
+        if engine_id not in gateway.registry:
+            return JSONResponse(error_body(404, f"no engine {engine_id!r}"), status_code=404)
+        return JSONResponse(describe(gateway.remove_engine(engine_id)))
+
+    return Starlette(
+        routes=[
+            Route("/engines", list_engines, methods=["GET"]),
+            Route("/engines", add_engine, methods=["POST"]),
+            Route("/engines/{engine_id}", remove_engine, methods=["DELETE"]),
+        ]
+    )
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in error["loc"]) or "body"
+    return f"{where}: {error['msg']}"

@@ -1,0 +1,212 @@
+"""The gateway as one raw ASGI application: the OpenAI endpoints, health, readiness and metrics.
+
+The hot path (the two completion endpoints) is plain ASGI with no framework objects per request;
+everything around it is small. The gateway owns the engine registry, the background health checks and
+metric scrapes (started by the ASGI lifespan), and the one upstream connection pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+
+import aiohttp
+
+from fleetserve.config import FleetConfig, MetricsDialect
+from fleetserve.fleet.health import EngineHealth, HealthChecker
+from fleetserve.fleet.registry import EngineRegistry, EngineState
+from fleetserve.fleet.scrape import MetricsScraper
+from fleetserve.fleet.view import ViewBuilder
+from fleetserve.gateway.asgi import Receive, Scope, Send, send_bytes, send_error, send_json
+from fleetserve.gateway.dispatch import Dispatcher, ModelIndex
+from fleetserve.gateway.metrics import GatewayMetrics
+from fleetserve.gateway.proxy import Proxy
+from fleetserve.model.catalog import Catalog
+from fleetserve.protocol.errors import APIError
+
+log = logging.getLogger(__name__)
+
+PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
+
+
+class Gateway:
+    """`Gateway(config)` is an ASGI app. Engines come from the fleet file and from `add_engine` at run
+    time; `policy` overrides the fleet file's routing policy (its params then do not apply)."""
+
+    def __init__(
+        self,
+        config: FleetConfig,
+        *,
+        policy: str | None = None,
+        catalog: Catalog | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.config = config
+        router = config.router
+        if policy is not None and policy != router.policy:
+            router = router.model_copy(update={"policy": policy, "params": {}})
+        self.registry = EngineRegistry()
+        self.metrics = GatewayMetrics(self.registry)
+        self.models = ModelIndex(self.registry, time.time)
+        self.views = ViewBuilder(self.registry, catalog)
+        self.dispatcher = Dispatcher(router, self.registry, self.views, self.metrics, seed)
+        self.proxy = Proxy(
+            config.gateway, self.dispatcher, self.models, self.metrics, self.session, router.debug_header
+        )
+        self._session: aiohttp.ClientSession | None = None
+        self._health: HealthChecker | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        for instance in config.instances():
+            group = instance.group
+            self.add_engine(
+                instance.engine_id,
+                instance.url,
+                group.model,
+                gpu=group.gpu,
+                tp=group.tp,
+                dialect=group.dialect,
+                adapters=group.adapters,
+                block_size=group.engine_args.block_size,
+                max_loras=group.engine_args.max_loras,
+            )
+
+    # -- engines ---------------------------------------------------------------------------------
+
+    def add_engine(
+        self,
+        engine_id: str,
+        url: str,
+        model: str,
+        *,
+        gpu: str | None = None,
+        tp: int = 1,
+        dialect: MetricsDialect = "vllm",
+        adapters: Iterable[str] = (),
+        block_size: int = 16,
+        max_loras: int = 0,
+    ) -> EngineState:
+        """Register an engine; it takes traffic once a health probe finds it ready."""
+        settings = self.config.gateway
+        engine = EngineState(
+            engine_id=engine_id,
+            url=url.rstrip("/"),
+            model=model,
+            health=EngineHealth(settings.eject_after_failures, settings.eject_duration_s),
+            gpu=gpu,
+            tp=tp,
+            dialect=dialect,
+            configured_adapters=frozenset(adapters),
+            block_size=block_size,
+            max_loras=max_loras,
+        )
+        self.registry.add(engine)
+        self.views.refresh_capacities()
+        if self._health is not None:
+            self._health.wake()
+        return engine
+
+    def remove_engine(self, engine_id: str) -> EngineState:
+        """Stop routing to the engine; requests already on it finish."""
+        engine = self.registry.remove(engine_id)
+        self.views.refresh_capacities()
+        return engine
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("the gateway has not started (ASGI lifespan startup has not run)")
+        return self._session
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        settings = self.config.gateway
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=300),
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=settings.connect_timeout_s, sock_connect=settings.connect_timeout_s
+            ),
+            skip_auto_headers=("User-Agent",),
+        )
+        # probes must not wait behind the slowest engine, and must fail faster than the probe period
+        probe_timeout = min(settings.connect_timeout_s, settings.health_interval_s)
+        self._health = HealthChecker(
+            self.registry, self._session, settings.health_interval_s, probe_timeout, time.monotonic
+        )
+        scraper = MetricsScraper(
+            self.registry,
+            self._session,
+            settings.scrape_interval_s,
+            timeout_s=min(settings.connect_timeout_s, max(settings.scrape_interval_s, 0.5)),
+        )
+        self._tasks = [asyncio.create_task(self._health.run()), asyncio.create_task(scraper.run())]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        self._health = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def ready(self) -> bool:
+        return any(engine.health.routable for engine in self.registry.engines())
+
+    # -- ASGI ------------------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path, method = scope["path"], scope["method"]
+        if method == "POST" and path == "/v1/chat/completions":
+            await self.proxy.handle(scope, receive, send, "chat")
+        elif method == "POST" and path == "/v1/completions":
+            await self.proxy.handle(scope, receive, send, "completions")
+        elif method == "GET" and path == "/v1/models":
+            await send_json(send, 200, self.models.listing())
+        elif method == "GET" and path == "/health":
+            await send_json(send, 200, {"status": "ok"})
+        elif method == "GET" and path == "/ready":
+            ready = self.ready
+            await send_json(send, 200 if ready else 503, {"ready": ready})
+        elif method == "GET" and path == "/metrics":
+            await send_bytes(send, 200, self.metrics.exposition(), PROMETHEUS_TEXT)
+        elif path in (
+            "/v1/chat/completions",
+            "/v1/completions",
+            "/v1/models",
+            "/health",
+            "/ready",
+            "/metrics",
+        ):
+            await send_error(send, APIError(405, f"{method} is not allowed on {path}"))
+        else:
+            await send_error(send, APIError(404, f"no route {path}"))
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.start()
+                except Exception as exc:
+                    log.exception("gateway startup failed")
+                    await send({"type": "lifespan.startup.failed", "message": repr(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return

@@ -1,0 +1,111 @@
+"""The gateway's Prometheus metrics, measured where the client sees them (at the gateway, not the engine).
+
+Each gateway owns its own CollectorRegistry, so several gateways (or tests) in one process do not
+collide; engine state is exported by a collector that reads the registry at scrape time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from fleetserve.fleet.registry import EngineRegistry
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
+
+
+class GatewayMetrics:
+    def __init__(self, engines: EngineRegistry) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "fleetserve_gateway_requests",
+            "Requests answered by the gateway, by requested model, engine and HTTP status.",
+            ["model", "engine", "status"],
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "fleetserve_gateway_time_to_first_token_seconds",
+            "Arrival at the gateway to the first response byte sent to the client.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.inter_token = Histogram(
+            "fleetserve_gateway_inter_token_latency_seconds",
+            "Gap between consecutive stream chunks forwarded to the client.",
+            ["model"],
+            buckets=TOKEN_BUCKETS,
+            registry=self.registry,
+        )
+        self.e2e = Histogram(
+            "fleetserve_gateway_e2e_request_latency_seconds",
+            "Arrival at the gateway to the last response byte.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.decisions = Counter(
+            "fleetserve_gateway_routing_decisions",
+            "Routing decisions, by policy and the decision's reason.",
+            ["policy", "reason"],
+            registry=self.registry,
+        )
+        self.upstream_errors = Counter(
+            "fleetserve_gateway_upstream_errors",
+            "Failed upstream attempts, by engine and kind (connect, status, timeout, stream).",
+            ["engine", "kind"],
+            registry=self.registry,
+        )
+        self.retries = Counter(
+            "fleetserve_gateway_retries",
+            "Requests re-sent to another engine before their first byte.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "fleetserve_gateway_requests_in_flight",
+            "Requests admitted by the gateway and not yet answered.",
+            registry=self.registry,
+        )
+        self.registry.register(_EngineCollector(engines))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _EngineCollector(Collector):
+    def __init__(self, engines: EngineRegistry) -> None:
+        self._engines = engines
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        labels = ["engine", "model", "gpu"]
+        in_flight = GaugeMetricFamily(
+            "fleetserve_engine_in_flight", "Requests the gateway has on the engine.", labels=labels
+        )
+        routable = GaugeMetricFamily(
+            "fleetserve_engine_routable",
+            "1 when the engine takes traffic (healthy and ready).",
+            labels=labels,
+        )
+        running = GaugeMetricFamily("fleetserve_engine_running", "Scraped running requests.", labels=labels)
+        waiting = GaugeMetricFamily("fleetserve_engine_waiting", "Scraped waiting requests.", labels=labels)
+        kv_usage = GaugeMetricFamily(
+            "fleetserve_engine_kv_usage", "Scraped KV-cache usage (0..1).", labels=labels
+        )
+        for engine in self._engines.engines():
+            values = [engine.engine_id, engine.model, engine.gpu or ""]
+            in_flight.add_metric(values, engine.in_flight)
+            routable.add_metric(values, 1.0 if engine.health.routable else 0.0)
+            metrics = engine.metrics
+            if metrics is not None:
+                if metrics.running is not None:
+                    running.add_metric(values, metrics.running)
+                if metrics.waiting is not None:
+                    waiting.add_metric(values, metrics.waiting)
+                if metrics.kv_usage is not None:
+                    kv_usage.add_metric(values, metrics.kv_usage)
+        yield from (in_flight, routable, running, waiting, kv_usage)

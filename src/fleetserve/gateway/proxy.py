@@ -1,0 +1,337 @@
+"""Forwarding one admitted request to an engine and its answer back to the client.
+
+The request body is parsed once (for routing) and forwarded as the client sent it. An answer is passed
+through chunk by chunk: the only look inside a stream is for event boundaries, so that a stream cut by a
+failing engine ends with a whole SSE error event instead of half an event. Until the client has received
+a byte, a failed attempt (refused connection, 5xx, timeout, engine gone) is retried on another engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+
+from fleetserve.config import GatewayConfig
+from fleetserve.fleet.registry import EngineState
+from fleetserve.gateway.admission import (
+    AdmissionGate,
+    ClientGone,
+    Endpoint,
+    ParsedRequest,
+    parse_request,
+    read_body,
+)
+from fleetserve.gateway.asgi import Receive, Scope, Send, header_map, send_error
+from fleetserve.gateway.dispatch import Dispatcher, ModelIndex
+from fleetserve.gateway.metrics import GatewayMetrics
+from fleetserve.protocol.errors import APIError
+from fleetserve.protocol.sse import DONE, sse_error
+from fleetserve.routing import Decision, Policy, RequestInfo
+
+# statuses that blame the engine: the request may succeed elsewhere
+RETRYABLE_STATUS = frozenset({500, 502, 503, 504})
+CLIENT_CLOSED = 499  # nginx's convention for "the client went away", used as a metric label only
+EVENT_SEPARATORS = (b"\n\n", b"\r\n\r\n")
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One client request in flight through the gateway."""
+
+    parsed: ParsedRequest
+    body: bytes
+    path: str
+    info: RequestInfo
+    policy: Policy
+    forward_headers: dict[str, str]
+    arrival: float
+    send: Send
+    completing: bool = False  # the last byte is being sent; a disconnect now changes nothing
+
+
+class Proxy:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        dispatcher: Dispatcher,
+        models: ModelIndex,
+        metrics: GatewayMetrics,
+        session: Callable[[], aiohttp.ClientSession],
+        debug_header: bool,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._config = config
+        self._dispatcher = dispatcher
+        self._models = models
+        self._metrics = metrics
+        self._session = session
+        self._debug_header = debug_header
+        self._clock = clock
+        self.gate = AdmissionGate(config.max_queue)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, endpoint: Endpoint) -> None:
+        arrival = self._clock()
+        try:
+            self.gate.enter()
+        except APIError as error:
+            self._count("", "", error.status)
+            await send_error(send, error)
+            return
+        self._metrics.in_flight.inc()
+        try:
+            await self._admitted(scope, receive, send, endpoint, arrival)
+        finally:
+            self._metrics.in_flight.dec()
+            self.gate.leave()
+
+    async def _admitted(
+        self, scope: Scope, receive: Receive, send: Send, endpoint: Endpoint, arrival: float
+    ) -> None:
+        headers = header_map(scope)
+        model = ""
+        try:
+            body = await read_body(receive, headers.get(b"content-length"), self._config.max_body_bytes)
+            parsed = parse_request(body, endpoint)
+            model = parsed.model
+            base_model, adapter = self._models.resolve(model)
+            policy = self._dispatcher.policy_for(headers.get(b"x-fleetserve-policy"))
+        except ClientGone:
+            self._count(model, "", CLIENT_CLOSED)
+            return
+        except APIError as error:
+            self._count(model, "", error.status)
+            await send_error(send, error)
+            return
+        info = RequestInfo(
+            request_id=self._dispatcher.next_request_id(),
+            model=base_model,
+            adapter=adapter,
+            prompt_len=parsed.prompt_len,
+            max_output_tokens=parsed.max_output_tokens,
+            tenant=_text(headers.get(b"x-fleetserve-tenant")) or _user(parsed),
+            session=_text(headers.get(b"x-fleetserve-session")),
+            arrival_time=arrival,
+        )
+        forward_headers = {"content-type": "application/json"}
+        if b"authorization" in headers:
+            forward_headers["authorization"] = headers[b"authorization"].decode("latin-1")
+        exchange = Exchange(parsed, body, scope["path"], info, policy, forward_headers, arrival, send)
+        await self._until_disconnect(exchange, receive)
+
+    async def _until_disconnect(self, exchange: Exchange, receive: Receive) -> None:
+        """Forward the request, cancelling it (and so the upstream request) if the client goes away."""
+        task = asyncio.current_task()
+        assert task is not None
+        client_gone = False
+
+        async def watch() -> None:
+            nonlocal client_gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if not exchange.completing:
+                client_gone = True
+                task.cancel()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await self._forward(exchange)
+        except asyncio.CancelledError:
+            if not client_gone:
+                raise
+            task.uncancel()
+            self._count(exchange.parsed.model, "", CLIENT_CLOSED)
+        except APIError as error:
+            self._count(exchange.parsed.model, "", error.status)
+            exchange.completing = True
+            await send_error(exchange.send, error)
+        finally:
+            watcher.cancel()
+
+    async def _forward(self, exchange: Exchange) -> None:
+        tried: list[str] = []
+        failure: APIError | None = None
+        for attempt in range(self._config.max_retries + 1):
+            now = self._clock()
+            try:
+                engine, decision = self._dispatcher.choose(exchange.policy, exchange.info, tried, now)
+            except APIError:
+                if failure is None:
+                    raise
+                # every candidate failed once: try them again rather than give up (a stale pooled
+                # connection to a restarted engine fails once and then works)
+                try:
+                    engine, decision = self._dispatcher.choose(exchange.policy, exchange.info, (), now)
+                except APIError:
+                    raise failure from None
+            if attempt:
+                self._metrics.retries.labels(exchange.parsed.model).inc()
+            self._dispatcher.dispatched(exchange.policy, exchange.info, engine, now)
+            try:
+                failure = await self._attempt(exchange, engine, decision)
+            finally:
+                self._dispatcher.finished(exchange.policy, exchange.info, engine, self._clock())
+            if failure is None:
+                return
+            tried.append(engine.engine_id)
+        assert failure is not None
+        raise failure
+
+    async def _attempt(self, exchange: Exchange, engine: EngineState, decision: Decision) -> APIError | None:
+        """Returns None once the client has its answer, or the error to retry on another engine."""
+        config = self._config
+        parsed = exchange.parsed
+        started = self._clock()
+        remaining = config.total_timeout_s - (started - exchange.arrival)
+        first_byte_limit = min(config.first_token_timeout_s, remaining) if parsed.stream else remaining
+        response: aiohttp.ClientResponse | None = None
+        failure: APIError | None = None
+        first = b""
+        try:
+            async with asyncio.timeout(first_byte_limit):
+                response = await self._session().post(
+                    engine.url + exchange.path, data=exchange.body, headers=exchange.forward_headers
+                )
+                if response.status in RETRYABLE_STATUS:
+                    message = f"engine {engine.engine_id} answered {response.status}"
+                    failure = self._failed(engine, "status", 502, message)
+                elif parsed.stream and response.status == 200:
+                    first = await response.content.readany()
+                else:
+                    first = await response.read()
+        except TimeoutError:
+            what = "first byte" if parsed.stream else "response"
+            failure = self._failed(
+                engine, "timeout", 504, f"engine {engine.engine_id} sent no {what} in time"
+            )
+        except aiohttp.ClientError as exc:
+            failure = self._failed(
+                engine, "connect", 502, f"engine {engine.engine_id} failed: {_describe(exc)}"
+            )
+        if failure is not None:
+            if response is not None:
+                response.close()
+            return failure
+        assert response is not None
+        try:
+            exchange.policy.on_first_token(exchange.info, engine.engine_id, self._clock())
+            if parsed.stream and response.status == 200:
+                await self._relay_stream(exchange, engine, decision, response, first)
+            else:
+                await self._relay_whole(exchange, engine, decision, response, first)
+        finally:
+            response.close()
+        return None
+
+    async def _relay_whole(
+        self,
+        exchange: Exchange,
+        engine: EngineState,
+        decision: Decision,
+        response: aiohttp.ClientResponse,
+        body: bytes,
+    ) -> None:
+        engine.health.request_succeeded(self._clock())
+        exchange.completing = True
+        await exchange.send(self._start(response, decision, len(body)))
+        await exchange.send({"type": "http.response.body", "body": body})
+        elapsed = self._clock() - exchange.arrival
+        model = exchange.parsed.model
+        self._metrics.ttft.labels(model).observe(elapsed)
+        self._metrics.e2e.labels(model).observe(elapsed)
+        self._count(model, engine.engine_id, response.status)
+
+    async def _relay_stream(
+        self,
+        exchange: Exchange,
+        engine: EngineState,
+        decision: Decision,
+        response: aiohttp.ClientResponse,
+        chunk: bytes,
+    ) -> None:
+        send, model = exchange.send, exchange.parsed.model
+        await send(self._start(response, decision, None))
+        last_sent = self._clock()
+        self._metrics.ttft.labels(model).observe(last_sent - exchange.arrival)
+        inter_token = self._metrics.inter_token.labels(model)
+        pending = b""
+        remaining = self._config.total_timeout_s - (last_sent - exchange.arrival)
+        status = 200
+        try:
+            async with asyncio.timeout(remaining):
+                while chunk:
+                    data = pending + chunk if pending else chunk
+                    cut = _last_event_end(data)
+                    if cut:
+                        await send({"type": "http.response.body", "body": data[:cut], "more_body": True})
+                        now = self._clock()
+                        inter_token.observe(now - last_sent)
+                        last_sent = now
+                    pending = data[cut:]
+                    chunk = await response.content.readany()
+            tail = pending
+            engine.health.request_succeeded(self._clock())
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            status = 504 if isinstance(exc, TimeoutError) else 502
+            kind = "timeout" if status == 504 else "stream"
+            self._note_failure(engine, kind)
+            message = f"engine {engine.engine_id} failed mid-stream: {_describe(exc)}"
+            tail = (
+                sse_error(status, message, "GatewayTimeoutError" if status == 504 else "BadGatewayError")
+                + DONE
+            )
+        exchange.completing = True
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
+        self._metrics.e2e.labels(model).observe(self._clock() - exchange.arrival)
+        self._count(model, engine.engine_id, status)
+
+    def _start(
+        self, response: aiohttp.ClientResponse, decision: Decision, length: int | None
+    ) -> dict[str, object]:
+        headers = [
+            (b"content-type", response.headers.get("content-type", "application/json").encode("latin-1"))
+        ]
+        if length is None:
+            headers.append((b"cache-control", b"no-cache"))
+        else:
+            headers.append((b"content-length", str(length).encode()))
+        if self._debug_header:
+            headers.append((b"x-fleetserve-route", f"{decision.engine_id};{decision.reason}".encode()))
+        return {"type": "http.response.start", "status": response.status, "headers": headers}
+
+    def _failed(self, engine: EngineState, kind: str, status: int, message: str) -> APIError:
+        self._note_failure(engine, kind)
+        return APIError(status, message)
+
+    def _note_failure(self, engine: EngineState, kind: str) -> None:
+        self._metrics.upstream_errors.labels(engine.engine_id, kind).inc()
+        engine.health.request_failed(self._clock())
+
+    def _count(self, model: str, engine_id: str, status: int) -> None:
+        self._metrics.requests.labels(model, engine_id, str(status)).inc()
+
+
+def _last_event_end(data: bytes) -> int:
+    """Offset just past the last complete SSE event in `data` (0 when there is none)."""
+    end = 0
+    for separator in EVENT_SEPARATORS:
+        found = data.rfind(separator)
+        if found >= 0:
+            end = max(end, found + len(separator))
+    return end
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _text(value: bytes | None) -> str | None:
+    return value.decode("latin-1") if value else None
+
+
+def _user(parsed: ParsedRequest) -> str | None:
+    user = parsed.payload.get("user")
+    return user if isinstance(user, str) else None

@@ -1,0 +1,380 @@
+"""The engine model: one inference engine's iterations in time, driven by whoever owns the clock.
+
+`EngineModel` wires a `Scheduler` (what runs), a `KVCacheManager` (which blocks) and a `LoraManager`
+(which adapters) to a `CostModel` (how long an iteration takes). It keeps at most one iteration in
+flight: `step(now)` completes the iteration that ended by `now`, stamping its tokens with the end time,
+and starts the next one at `now`. `advance(until)` does the same for every iteration ending by `until`
+but skips runs of identical decode iterations in one move, which is what lets the simulator replay
+millions of requests.
+
+Outputs are compact `TokenOutput`s. With `report_every_token` (the emulator's need: it streams) every
+request that got tokens appears in every step; without it (the simulator's) a request appears when its
+first token is out and when it finishes, which keeps a step O(requests that start or stop).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from fleetserve.model.kvcache import KVCacheManager
+from fleetserve.model.lora import LoraManager
+from fleetserve.model.scheduler import (
+    FINISHED,
+    Completion,
+    ScheduledBatch,
+    Scheduler,
+    SchedulerConfig,
+    Seq,
+    cdiv,
+)
+from fleetserve.model.types import EngineRequest, StepResult, TokenOutput
+
+if TYPE_CHECKING:
+    from fleetserve.model.catalog import Catalog
+    from fleetserve.model.cost import CostModel
+
+# LoRA targets of a typical adapter: the four attention projections of every layer
+_LORA_TARGETS_PER_LAYER = 4
+_BF16_BYTES = 2
+
+
+class RequestRejected(ValueError):
+    """A request the engine can never serve; the message says why."""
+
+
+@dataclass(frozen=True)
+class EngineMetrics:
+    num_running: int
+    num_waiting: int
+    kv_usage: float  # fraction of KV blocks in use, 0..1
+    num_gpu_blocks: int
+    block_size: int
+    prefix_cache_queries: int  # tokens looked up
+    prefix_cache_hits: int  # tokens found
+    num_preemptions: int
+    running_lora_adapters: tuple[str, ...]
+    waiting_lora_adapters: tuple[str, ...]
+    max_loras: int
+
+
+class EngineModel:
+    def __init__(
+        self,
+        cost: CostModel,
+        config: SchedulerConfig | None = None,
+        *,
+        num_gpu_blocks: int | None = None,
+        report_every_token: bool = True,
+        enable_kv_events: bool = True,
+    ) -> None:
+        self.cost = cost
+        self.config = config = config if config is not None else SchedulerConfig()
+        if num_gpu_blocks is None:
+            num_gpu_blocks = cost.num_kv_blocks(config.block_size, config.gpu_memory_utilization)
+        if num_gpu_blocks < 1:
+            raise ValueError(
+                f"{cost.model.name} does not fit on {cost.tp} x {cost.gpu.name} at "
+                f"gpu_memory_utilization={config.gpu_memory_utilization}: no memory left for the KV cache"
+            )
+        self.kv = KVCacheManager(
+            num_gpu_blocks, config.block_size, config.enable_prefix_caching, enable_kv_events
+        )
+        model = cost.model
+        # rank-r A and B matrices on each target: 2 * hidden * r parameters
+        adapter_params = _LORA_TARGETS_PER_LAYER * model.layers * 2 * model.hidden_size * config.max_lora_rank
+        adapter_bytes = adapter_params * _BF16_BYTES
+        self.lora = LoraManager(config.max_loras, config.max_cpu_loras, cost.lora_load_time, adapter_bytes)
+        self.scheduler = Scheduler(config, self.kv, self.lora)
+        self.report_every_token = report_every_token
+        self._batch_start = 0.0
+        self._batch_end = 0.0
+        # when something changed (a request arrived, an adapter was loaded) while nothing was in flight
+        self._poked_at: float | None = None
+        self._changed = False  # something changed since the iteration in flight was scheduled
+        # quiet mode: requests whose next token opens an unreported run, by the decode clock producing it
+        self._awaiting_stamp: dict[int, list[Seq]] = {}
+
+    @classmethod
+    def build(
+        cls,
+        gpu: str,
+        model: str,
+        tp: int = 1,
+        config: SchedulerConfig | None = None,
+        catalog: Catalog | None = None,
+        **options: bool,
+    ) -> EngineModel:
+        from fleetserve.model.catalog import default_catalog
+        from fleetserve.model.cost import CostModel
+
+        catalog = catalog if catalog is not None else default_catalog()
+        return cls(CostModel(catalog.gpu(gpu), catalog.model(model), tp), config, **options)
+
+    # ---- requests ---------------------------------------------------------------------------------
+
+    def add_request(self, request: EngineRequest, now: float) -> None:
+        self._check(request)
+        self.scheduler.add(request)
+        self._poke(now)
+
+    def abort_request(self, request_id: str, now: float) -> None:
+        if self.scheduler.abort(request_id) is not None:
+            self._poke(now)
+
+    def _check(self, request: EngineRequest) -> None:
+        config, model = self.config, self.cost.model
+        prompt_len, output_len = request.prompt_len, request.output_len
+        if request.request_id in self.scheduler.requests:
+            raise RequestRejected(f"request id {request.request_id!r} is already in use")
+        if prompt_len < 1 or output_len < 1:
+            raise RequestRejected("a request needs at least one prompt token and one output token")
+        if prompt_len + output_len > model.max_context:
+            raise RequestRejected(
+                f"prompt ({prompt_len} tokens) plus output ({output_len} tokens) exceeds the maximum "
+                f"context length of {model.name} ({model.max_context} tokens)"
+            )
+        # the last output token is sampled, never computed, so it needs no KV
+        kv_tokens = prompt_len + output_len - 1
+        if cdiv(kv_tokens, config.block_size) > self.kv.num_blocks:
+            raise RequestRejected(
+                f"{kv_tokens} tokens of KV never fit in this engine's KV cache "
+                f"({self.kv.num_blocks * config.block_size} tokens)"
+            )
+        if not config.enable_chunked_prefill and kv_tokens > config.max_num_batched_tokens:
+            raise RequestRejected(
+                f"without chunked prefill a request of {kv_tokens} tokens exceeds the iteration budget "
+                f"of {config.max_num_batched_tokens} tokens"
+            )
+        if request.adapter is not None and not self.lora.enabled:
+            raise RequestRejected(f"adapter {request.adapter!r} requested but LoRA is disabled (max_loras=0)")
+
+    # ---- adapters ---------------------------------------------------------------------------------
+
+    def load_adapter(self, name: str, now: float, size_bytes: int | None = None) -> None:
+        if not self.lora.enabled:
+            raise ValueError("LoRA is disabled on this engine (max_loras=0)")
+        self.lora.register(name, size_bytes)
+        self._poke(now)
+
+    def unload_adapter(self, name: str) -> None:
+        self.lora.unregister(name)
+
+    @property
+    def adapters(self) -> list[str]:
+        return self.lora.names
+
+    # ---- time -------------------------------------------------------------------------------------
+
+    def _poke(self, now: float) -> None:
+        self._changed = True
+        if self.scheduler.in_flight is None:
+            self._poked_at = now if self._poked_at is None else min(self._poked_at, now)
+
+    def next_event_time(self) -> float | None:
+        if self.scheduler.in_flight is not None:
+            return self._batch_end
+        if self._poked_at is not None:
+            return self._poked_at
+        if self.scheduler.has_work:
+            return self.lora.next_load_completion()
+        return None
+
+    @property
+    def idle(self) -> bool:
+        return not self.scheduler.has_work
+
+    def step(self, now: float) -> StepResult:
+        result = StepResult()
+        if self.scheduler.in_flight is not None:
+            if now < self._batch_end:
+                return result
+            self._complete(result)
+        self._start(now, result)
+        result.kv_events = self.kv.take_events()
+        return result
+
+    def advance(self, until: float) -> StepResult:
+        result = StepResult()
+        while (when := self.next_event_time()) is not None and when <= until:
+            if self._skip_quiet_run(until, result):
+                continue
+            stepped = self.step(when)
+            result.outputs.extend(stepped.outputs)
+            result.kv_events.extend(stepped.kv_events)
+            result.preempted.extend(stepped.preempted)
+            result.iterations += stepped.iterations
+        return result
+
+    def _start(self, now: float, result: StepResult) -> None:
+        self._poked_at = None
+        self._changed = False
+        if not self.scheduler.has_work:
+            return
+        self.lora.complete_loads(now)
+        batch = self.scheduler.schedule(now)
+        result.preempted.extend(seq.request_id for seq in batch.preempted)
+        if batch.empty:
+            return
+        self._batch_start = now
+        self._batch_end = now + self._iteration_time(batch)
+
+    def _iteration_time(self, batch: ScheduledBatch) -> float:
+        n, context = batch.num_decode, batch.decode_context
+        if not batch.prefills:
+            return self.cost.decode_time(n, context)
+        # the cost model depends on the decode contexts only through their count and sum
+        share, extra = divmod(context, n) if n else (0, 0)
+        contexts = [share + 1] * extra + [share] * (n - extra)
+        return self.cost.iteration_time([(chunk, before) for _, chunk, before in batch.prefills], contexts)
+
+    def _complete(self, result: StepResult) -> None:
+        end = self._batch_end
+        done = self.scheduler.complete()
+        result.iterations += 1
+        self._report(done, end, result)
+
+    def _report(self, done: Completion, end: float, result: StepResult) -> None:
+        outputs = result.outputs
+        sampled = {seq.request_id for seq in done.sampled}
+        if done.decoded:
+            if self.report_every_token:
+                for seq in self.scheduler.decoding():
+                    if seq.request_id not in sampled:
+                        outputs.append(TokenOutput(seq.request_id, 1, end, end))
+                        seq.num_reported += 1
+            else:
+                self._stamp(done.decode_clock, end)
+        for seq in done.finished:
+            if seq.request_id not in sampled:
+                outputs.append(self._final_output(seq, end))
+        for seq in done.sampled:
+            if (output := self._sampled_output(seq, end)) is not None:
+                outputs.append(output)
+        if not self.report_every_token:
+            for seq in done.entered:
+                self._awaiting_stamp.setdefault(seq.decode_clock0, []).append(seq)
+
+    def _stamp(self, clock: int, end: float) -> None:
+        """Quiet mode: date the first unreported token of requests whose run opened at `clock`."""
+        for seq in self._awaiting_stamp.pop(clock, ()):
+            if seq.in_decode and seq.decode_clock0 == clock and seq.unreported_since is None:
+                seq.unreported_since = end
+
+    def _sampled_output(self, seq: Seq, end: float) -> TokenOutput | None:
+        """The token a request sampled at the end of its prefill (its first, or one after a preemption)."""
+        finished = seq.status == FINISHED
+        if seq.first_token_time is None:
+            seq.first_token_time = end
+            seq.num_reported = seq.num_output
+            return TokenOutput(
+                seq.request_id,
+                1,
+                end,
+                end,
+                finished,
+                "length" if finished else None,
+                seq.num_cached_prompt_tokens,
+            )
+        if self.report_every_token:
+            seq.num_reported = seq.num_output
+            return TokenOutput(seq.request_id, 1, end, end, finished, "length" if finished else None)
+        if seq.unreported_since is None:
+            seq.unreported_since = end
+        return self._final_output(seq, end) if finished else None
+
+    def _final_output(self, seq: Seq, end: float) -> TokenOutput:
+        count = seq.num_output - seq.num_reported
+        first = end if self.report_every_token or seq.unreported_since is None else seq.unreported_since
+        seq.num_reported = seq.num_output
+        return TokenOutput(seq.request_id, count, first, end, True, "length")
+
+    def _skip_quiet_run(self, until: float, result: StepResult) -> bool:
+        """Complete a run of identical decode iterations ending by `until` in one move, if one is
+        in flight. Returns False when the next event needs a real step."""
+        scheduler = self.scheduler
+        batch = scheduler.in_flight
+        if batch is None or self._changed or not batch.pure_decode:
+            return False
+        limit = scheduler.quiet_iterations()
+        if limit == 0:
+            return False
+        load_done = self.lora.next_load_completion()
+        horizon = until if load_done is None else min(until, math.nextafter(load_done, -math.inf))
+        n, context = batch.num_decode, batch.decode_context
+        decode_time = self.cost.decode_time
+        first_end = end = self._batch_end
+        count = 0
+        # iteration j completes at `end` and is followed by an identical one with n more context tokens
+        while count < limit and end <= horizon:
+            count += 1
+            context += n
+            start, end = end, end + decode_time(n, context)
+        if count == 0:
+            return False
+        last_end = start
+        decode = scheduler.decode
+        clock = decode.clock
+        scheduler.skip(count)
+        self._batch_start, self._batch_end = last_end, end
+        result.iterations += count
+        if self.report_every_token:
+            for seq in scheduler.decoding():
+                result.outputs.append(TokenOutput(seq.request_id, count, first_end, last_end))
+                seq.num_reported += count
+        else:
+            self._stamp(clock, first_end)
+        result.kv_events.extend(self.kv.take_events())
+        return True
+
+    # ---- observation ------------------------------------------------------------------------------
+
+    @property
+    def metrics(self) -> EngineMetrics:
+        scheduler, kv = self.scheduler, self.kv
+        return EngineMetrics(
+            num_running=scheduler.num_running,
+            num_waiting=len(scheduler.waiting),
+            kv_usage=kv.usage,
+            num_gpu_blocks=kv.num_blocks,
+            block_size=kv.block_size,
+            prefix_cache_queries=kv.stats.queries,
+            prefix_cache_hits=kv.stats.hits,
+            num_preemptions=scheduler.num_preemptions,
+            running_lora_adapters=tuple(self.lora.running_names),
+            waiting_lora_adapters=tuple(self.lora.waiting_names),
+            max_loras=self.config.max_loras,
+        )
+
+    def reset_prefix_cache(self) -> bool:
+        return self.kv.reset_prefix_cache()
+
+    def predict_ttft(self, prompt_len: int, cached_tokens: int = 0, now: float | None = None) -> float:
+        """Time to first token a request arriving now would see: the rest of the iteration in flight,
+        then the prompts queued ahead and its own uncached tokens, computed in chunks of what the token
+        budget leaves beside the running decode batch, plus, when the engine is full, the wait for the
+        first running request to finish."""
+        scheduler, config = self.scheduler, self.config
+        decode = scheduler.decode
+        n = len(decode)
+        context = decode.total_context()
+        elapsed = 0.0
+        if scheduler.in_flight is not None:
+            elapsed = self._batch_end - (self._batch_start if now is None else max(now, self._batch_start))
+        finish = decode.next_finish_clock()
+        if scheduler.num_running >= config.max_num_seqs and finish is not None:
+            elapsed += (finish - decode.clock) * self.cost.decode_time(n, context)
+        queued = scheduler.waiting.num_tokens + sum(
+            seq.num_tokens - seq.num_computed for seq in scheduler.prefilling.values()
+        )
+        own = max(1, prompt_len - cached_tokens)
+        chunk = max(1, config.max_num_batched_tokens - n)
+        full_chunks, last = divmod(queued + own, chunk)
+        share, extra = divmod(context, n) if n else (0, 0)
+        contexts = [share + 1] * extra + [share] * (n - extra)
+        if full_chunks:
+            elapsed += full_chunks * self.cost.iteration_time([(chunk, 0)], contexts)
+        if last:
+            elapsed += self.cost.iteration_time([(last, min(cached_tokens, prompt_len - 1))], contexts)
+        return elapsed

@@ -1,0 +1,188 @@
+"""DualMap: two hash-chosen candidates per prompt prefix, then cache affinity unless the SLO or a hotspot
+says otherwise (DualMap: Enabling Both Cache Affinity and Load Balancing for Distributed LLM Serving,
+arXiv 2602.06502, ICLR 2026).
+
+Each request's prefix key (the chained hash of its first `prefix_blocks` blocks, so it covers exactly
+that prefix) goes through two independent hash functions onto two consistent-hash rings with virtual
+nodes; each ring names one candidate. Requests sharing a prefix always get the same pair, so they meet
+their cache on one of two engines, while distinct prefixes spread like the power of two choices. Adding
+or removing an engine moves only the keys on the arcs its virtual nodes owned.
+
+Between the two: the one holding more of the prefix (the cache-affinity candidate), or the less loaded
+when neither holds more. The paper then migrates queued requests off hotspots to their other candidate;
+a router cannot move queued work, so it does the next best thing at admission: it diverts to the other
+candidate when the affinity candidate's predicted TTFT breaks the request's SLO, or when its load stands
+far above the fleet's mean.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import hashlib
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+
+from fleetserve.routing.base import Decision, EngineView, FleetView, Policy, RequestInfo, require_candidates
+from fleetserve.routing.cache_aware import DEFAULT_MAX_BLOCKS, DEFAULT_MAX_BYTES, DEFAULT_TTL_S
+from fleetserve.routing.prefix import PrefixMatcher, prompt_tokens
+
+_MASK64 = (1 << 64) - 1
+# Two arbitrary odd constants make the two hash functions independent of each other.
+_SALT_PRIMARY = 0x5851F42D4C957F2D
+_SALT_SECONDARY = 0x14057B7EF767814F
+_RING_CACHE_SIZE = 32  # candidate sets differ per model, adapter and health state; keep the recent ones
+
+
+def mix64(value: int) -> int:
+    """SplitMix64's finaliser: a fast bijective scramble of a 64-bit integer."""
+    value = (value ^ (value >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+    value = (value ^ (value >> 27)) * 0x94D049BB133111EB & _MASK64
+    return value ^ (value >> 31)
+
+
+def stable_hash(text: str) -> int:
+    """A 64-bit hash of a string that is the same in every process (str hashes are salted)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+@functools.lru_cache(maxsize=4096)
+def _ring_points(name: str, engine_id: str, virtual_nodes: int) -> tuple[int, ...]:
+    return tuple(stable_hash(f"{name}/{engine_id}#{i}") for i in range(virtual_nodes))
+
+
+class HashRing:
+    """A consistent-hash ring: each engine owns `virtual_nodes` points, a key belongs to the first point
+    at or after it (clockwise). Point positions depend only on the engine id and the ring's name."""
+
+    def __init__(self, engine_ids: Iterable[str], name: str, virtual_nodes: int) -> None:
+        points = sorted(
+            (position, engine_id)
+            for engine_id in engine_ids
+            for position in _ring_points(name, engine_id, virtual_nodes)
+        )
+        if not points:
+            raise ValueError("a hash ring needs at least one engine")
+        self._positions = [position for position, _ in points]
+        self._owners = [owner for _, owner in points]
+
+    def owner(self, key: int) -> str:
+        return self._owners[bisect.bisect_left(self._positions, key) % len(self._owners)]
+
+    def walk(self, key: int) -> Iterator[str]:
+        """Owners clockwise from `key`, starting with its owner (repeats included)."""
+        start = bisect.bisect_left(self._positions, key)
+        owners = self._owners
+        for offset in range(len(owners)):
+            yield owners[(start + offset) % len(owners)]
+
+
+class DualMapPolicy(Policy):
+    name = "dualmap"
+
+    def __init__(
+        self,
+        *,
+        prefix_blocks: int = 8,
+        virtual_nodes: int = 128,
+        ttft_slo_ms: float | None = None,
+        hotspot_factor: float = 2.0,
+        hotspot_min_load: float = 4.0,
+        max_tree_size: int = DEFAULT_MAX_BLOCKS,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        ttl_s: float = DEFAULT_TTL_S,
+    ) -> None:
+        """`ttft_slo_ms` applies to requests that carry no SLO of their own; `hotspot_factor` and
+        `hotspot_min_load` define a hotspot: normalised load above both the factor times the candidates'
+        mean and the minimum."""
+        if prefix_blocks < 1 or virtual_nodes < 1:
+            raise ValueError("prefix_blocks and virtual_nodes must be >= 1")
+        if hotspot_factor <= 1.0:
+            raise ValueError(f"hotspot_factor must be > 1, got {hotspot_factor}")
+        self.prefix_blocks = prefix_blocks
+        self.virtual_nodes = virtual_nodes
+        self.ttft_slo_ms = ttft_slo_ms
+        self.hotspot_factor = hotspot_factor
+        self.hotspot_min_load = hotspot_min_load
+        self.prefixes = PrefixMatcher(max_entries=max_tree_size, max_bytes=max_bytes, ttl_s=ttl_s)
+        self._rings: OrderedDict[frozenset[str], tuple[HashRing, HashRing]] = OrderedDict()
+
+    def rings(self, engine_ids: Iterable[str]) -> tuple[HashRing, HashRing]:
+        """The primary and secondary rings over exactly these engines (cached per engine set)."""
+        members = frozenset(engine_ids)
+        rings = self._rings.get(members)
+        if rings is None:
+            rings = (
+                HashRing(members, "primary", self.virtual_nodes),
+                HashRing(members, "secondary", self.virtual_nodes),
+            )
+            self._rings[members] = rings
+            if len(self._rings) > _RING_CACHE_SIZE:
+                self._rings.popitem(last=False)
+        else:
+            self._rings.move_to_end(members)
+        return rings
+
+    def prefix_key(self, request: RequestInfo) -> int:
+        """What identifies the request's prefix: the chained hash of its `prefix_blocks`-th block (or its
+        last full one); for a prompt shorter than a block its tokens; without tokens its session, so a
+        conversation still sticks; failing all, its id, which just spreads requests."""
+        hashes = request.block_hashes
+        if hashes:
+            return hashes[min(self.prefix_blocks, len(hashes)) - 1]
+        if request.prompt_token_ids:
+            return hash(tuple(request.prompt_token_ids)) & _MASK64
+        return stable_hash(request.session if request.session is not None else request.request_id)
+
+    def pair(self, request: RequestInfo, engine_ids: Iterable[str]) -> tuple[str, str]:
+        """The request's two candidates (the same engine twice only when there is one engine)."""
+        primary_ring, secondary_ring = self.rings(engine_ids)
+        key = self.prefix_key(request)
+        primary = primary_ring.owner(mix64(key ^ _SALT_PRIMARY))
+        secondary = primary
+        for owner in secondary_ring.walk(mix64(key ^ _SALT_SECONDARY)):
+            if owner != primary:
+                secondary = owner
+                break
+        return primary, secondary
+
+    def choose(self, request: RequestInfo, view: FleetView, now: float) -> Decision:
+        candidates = require_candidates(request, view)
+        _, matched = self.prefixes.match(request, view, candidates, now)  # also fills request.block_hashes
+        if len(candidates) == 1:
+            return Decision(candidates[0].engine_id, "only_candidate")
+        by_id = {engine.engine_id: engine for engine in candidates}
+        first_id, second_id = self.pair(request, by_id)
+        first, second = by_id[first_id], by_id[second_id]
+        first_blocks, second_blocks = matched.get(first_id, 0), matched.get(second_id, 0)
+        if first_blocks != second_blocks:
+            preferred, other = (first, second) if first_blocks > second_blocks else (second, first)
+            reason = "cache_affinity"
+        else:
+            lighter = second.normalized_load < first.normalized_load
+            preferred, other = (second, first) if lighter else (first, second)
+            reason = "power_of_two"
+        less_loaded = other if other.normalized_load < preferred.normalized_load else preferred
+
+        if self._breaks_slo(request, preferred, matched.get(preferred.engine_id, 0)):
+            return Decision(less_loaded.engine_id, "slo_fallback")
+        if less_loaded is other and self._is_hotspot(preferred, candidates):
+            return Decision(other.engine_id, "hotspot")
+        return Decision(preferred.engine_id, reason)
+
+    def _breaks_slo(self, request: RequestInfo, engine: EngineView, cached_blocks: int) -> bool:
+        slo_ms = request.ttft_slo_ms if request.ttft_slo_ms is not None else self.ttft_slo_ms
+        if slo_ms is None or engine.predictor is None:
+            return False
+        cached_tokens = cached_blocks * self.prefixes.block_size
+        return engine.predictor(prompt_tokens(request), cached_tokens) * 1000.0 > slo_ms
+
+    def _is_hotspot(self, engine: EngineView, candidates: list[EngineView]) -> bool:
+        load = engine.normalized_load
+        if load < self.hotspot_min_load:
+            return False
+        mean = sum(e.normalized_load for e in candidates) / len(candidates)
+        return load > self.hotspot_factor * mean
+
+    def on_dispatch(self, request: RequestInfo, engine_id: str, now: float) -> None:
+        self.prefixes.record(request, engine_id, now)

@@ -1,0 +1,92 @@
+"""A request's prefix blocks, and which engines already hold them.
+
+Block hashes are the engine model's chained hashes (`fleetserve.model.kvcache.hash_prompt_blocks`), so
+the router, the simulated engines and the KV-event indexer all name a block the same way. They are
+computed once per request, with the block size of the engines that may serve it, and cached on the
+`RequestInfo` so every policy (and a retry) reuses them.
+
+`PrefixMatcher` hides the two ways of knowing who holds what:
+
+- precise: the fleet view carries a prefix index fed by the engines' own KV events (the live fleet
+  layer's ZMQ subscribers, or the simulator reading its engine models), and the matcher only reads it;
+- approximate: no such index, so the matcher keeps its own, learned from where it sent requests (what
+  SGLang's cache_aware router and Dynamo's `--no-kv-events` mode do), bounded in blocks, bytes and age.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Protocol
+
+from fleetserve.model.kvcache import hash_prompt_blocks
+from fleetserve.routing.base import EngineView, FleetView, RequestInfo
+from fleetserve.routing.prefix_index import PrefixIndex
+
+DEFAULT_BLOCK_SIZE = 16  # vLLM's default, and what engines report when nothing else is known
+
+
+class PrefixLookup(Protocol):
+    """What a policy needs of a prefix index (PrefixIndex satisfies it)."""
+
+    def match(self, block_hashes: Sequence[int], now: float | None = None) -> dict[str, int]: ...
+
+    def engine_blocks(self, engine_id: str) -> int: ...
+
+
+def request_block_hashes(request: RequestInfo, block_size: int = DEFAULT_BLOCK_SIZE) -> Sequence[int]:
+    """The chained hashes of the request's full prompt blocks, computed on first use and cached on the
+    request. A request without token ids has none (it can only be routed by load)."""
+    hashes = request.block_hashes
+    if hashes is None:
+        tokens = request.prompt_token_ids
+        hashes = [] if tokens is None else hash_prompt_blocks(tokens, block_size, request.adapter)
+        request.block_hashes = hashes
+    return hashes
+
+
+def prompt_tokens(request: RequestInfo) -> int:
+    """The prompt length in tokens, from the token ids when the caller did not fill `prompt_len`."""
+    if request.prompt_len:
+        return request.prompt_len
+    return len(request.prompt_token_ids) if request.prompt_token_ids is not None else 0
+
+
+class PrefixMatcher:
+    """Per-policy prefix knowledge: the fleet's precise index when the view has one, else an own,
+    approximate index that `record` teaches."""
+
+    def __init__(self, *, max_entries: int, max_bytes: int, ttl_s: float) -> None:
+        self.own = PrefixIndex(max_entries=max_entries, max_bytes=max_bytes, ttl_s=ttl_s)
+        self.index: PrefixLookup = self.own
+        self.block_size = DEFAULT_BLOCK_SIZE
+
+    @property
+    def precise(self) -> bool:
+        return self.index is not self.own
+
+    def match(
+        self, request: RequestInfo, view: FleetView, candidates: Iterable[EngineView], now: float
+    ) -> tuple[Sequence[int], Mapping[str, int]]:
+        """The request's block hashes and, per engine, how many leading blocks it holds (engines with
+        none are absent). Also fixes the mode and block size the following `record` uses."""
+        precise_index = view.prefix_index
+        self.index = precise_index if precise_index is not None else self.own  # type: ignore[assignment]
+        first = next(iter(candidates), None)
+        if first is not None:
+            self.block_size = first.block_size or DEFAULT_BLOCK_SIZE
+        hashes = request_block_hashes(request, self.block_size)
+        if not hashes:
+            return hashes, {}
+        return hashes, self.index.match(hashes, now)
+
+    def record(self, request: RequestInfo, engine_id: str, now: float) -> None:
+        """`engine_id` got the request, so (approximately) it will hold its prefix. In precise mode the
+        engine's own events will say so, and writing into their index would corrupt it."""
+        if self.precise:
+            return
+        hashes = request_block_hashes(request, self.block_size)
+        if hashes:
+            self.own.record(hashes, engine_id, now)
+
+    def engine_blocks(self, engine_id: str) -> int:
+        return self.index.engine_blocks(engine_id)

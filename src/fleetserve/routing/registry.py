@@ -1,0 +1,58 @@
+"""Policies by name, built from the fleet file's `router.policy` and `router.params`."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from fleetserve.routing.base import Policy
+from fleetserve.routing.cache_aware import KVCostPolicy, PrefixAwarePolicy
+from fleetserve.routing.dualmap import DualMapPolicy
+from fleetserve.routing.simple import (
+    LeastKVPolicy,
+    LeastRequestPolicy,
+    PowerOfTwoPolicy,
+    RandomPolicy,
+    RoundRobinPolicy,
+)
+
+POLICIES: dict[str, type[Policy]] = {}
+
+
+def register_policy(cls: type[Policy]) -> type[Policy]:
+    """Make a policy class available to `make_policy` under its `name` (usable as a decorator)."""
+    POLICIES[cls.name] = cls
+    return cls
+
+
+for _cls in (
+    RandomPolicy,
+    RoundRobinPolicy,
+    LeastRequestPolicy,
+    LeastKVPolicy,
+    PowerOfTwoPolicy,
+    PrefixAwarePolicy,
+    KVCostPolicy,
+    DualMapPolicy,
+):
+    register_policy(_cls)
+
+
+def make_policy(name: str, params: dict[str, Any] | None = None, seed: int | None = None) -> Policy:
+    """Build policy `name` with `params`; `seed` goes to policies that draw random numbers."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown routing policy {name!r}; valid policies: {', '.join(sorted(POLICIES))}")
+    cls = POLICIES[name]
+    accepted = {
+        p.name
+        for p in inspect.signature(cls.__init__).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    params = dict(params or {})
+    unknown = sorted(set(params) - (accepted - {"seed"}))
+    if unknown:
+        valid = ", ".join(sorted(accepted - {"seed"})) or "none"
+        raise ValueError(f"policy {name!r} has no parameter {', '.join(unknown)}; valid parameters: {valid}")
+    if "seed" in accepted:
+        params["seed"] = seed
+    return cls(**params)

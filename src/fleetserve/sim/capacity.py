@@ -1,0 +1,103 @@
+"""The highest arrival rate a fleet sustains under a policy: bisection on the trace's rate.
+
+The trace keeps its shape (its burstiness, lengths and prefixes); only its timestamps are divided by the
+rate scale. SLO attainment is assumed to fall as the rate rises, which holds for any fleet that does not
+shed load cleverly; the probes are reported so a non-monotone curve is visible.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fleetserve.config import FleetConfig
+from fleetserve.sim.errors import SimInputError
+from fleetserve.sim.simulator import SimOptions, rate_of, simulate
+from fleetserve.workload import TraceRequest
+from fleetserve.workload.transform import scale_rate
+
+
+@dataclass(frozen=True)
+class Probe:
+    rate_rps: float
+    slo_attainment: float
+    summary: dict[str, Any] = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class CapacityResult:
+    capacity_rps: float  # 0.0 when even the lowest probed rate misses the target
+    slo_attainment: float  # at capacity_rps
+    target: float
+    bounded: bool  # False when the highest probed rate still met the target
+    probes: list[Probe]
+
+    def to_json(self) -> dict[str, Any]:
+        at_capacity = next((p.summary for p in self.probes if p.rate_rps == self.capacity_rps), {})
+        return {
+            "capacity_rps": self.capacity_rps,
+            "slo_attainment": self.slo_attainment,
+            "target": self.target,
+            "bounded": self.bounded,
+            "policy": at_capacity.get("policy"),
+            "goodput_rps": at_capacity.get("goodput_rps"),
+            "ttft_ms": at_capacity.get("ttft_ms"),
+            "tpot_ms": at_capacity.get("tpot_ms"),
+            "cost_per_million_tokens_usd": at_capacity.get("cost_per_million_tokens_usd"),
+            "probes": [{"rate_rps": p.rate_rps, "slo_attainment": p.slo_attainment} for p in self.probes],
+        }
+
+
+def find_capacity(
+    config: FleetConfig,
+    trace: Sequence[TraceRequest],
+    policy: str | None = None,
+    *,
+    target: float = 0.9,
+    seed: int = 0,
+    params: dict[str, Any] | None = None,
+    options: SimOptions | None = None,
+    tolerance: float = 0.02,
+    max_probes: int = 20,
+    on_probe: Callable[[Probe], None] | None = None,
+) -> CapacityResult:
+    """Bracket the capacity by doubling or halving from the trace's own rate, then bisect (geometrically)
+    until the bracket is within `tolerance` (relative) or `max_probes` simulations have run."""
+    if not 0 < target <= 1:
+        raise SimInputError(f"target SLO attainment must be in (0, 1], got {target}")
+    base_rate = rate_of(trace)
+    if not math.isfinite(base_rate):
+        raise SimInputError("capacity search needs a trace with at least two distinct arrival times")
+    probes: list[Probe] = []
+
+    def probe(rate: float) -> bool:
+        scaled = scale_rate(trace, rate / base_rate)
+        summary = simulate(config, scaled, policy, seed, params=params, options=options).summary
+        result = Probe(rate, summary["slo_attainment"], summary)
+        probes.append(result)
+        if on_probe is not None:
+            on_probe(result)
+        return result.slo_attainment >= target
+
+    low: float | None = None  # highest rate known to pass
+    high: float | None = None  # lowest rate known to fail
+    rate = base_rate
+    while len(probes) < max_probes and (low is None or high is None):
+        if probe(rate):
+            low = rate
+            rate *= 2.0
+        else:
+            high = rate
+            rate /= 2.0
+    while low is not None and high is not None and high / low - 1 > tolerance and len(probes) < max_probes:
+        middle = math.sqrt(low * high)
+        if probe(middle):
+            low = middle
+        else:
+            high = middle
+    if low is None:
+        return CapacityResult(0.0, 0.0, target, True, probes)
+    attained = next(p.slo_attainment for p in probes if p.rate_rps == low)
+    return CapacityResult(low, attained, target, high is not None, probes)

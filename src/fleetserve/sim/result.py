@@ -1,0 +1,154 @@
+"""What a simulation run returns, and the JSON object every `sim` command writes.
+
+The summary's keys are a stable interface (scripts and the twin check read them): requests, completed,
+failed, failures, ttft_ms / tpot_ms / itl_ms / e2e_ms (p50, p90, p99, mean), slo_attainment,
+goodput_rps, throughput_tok_s, prefix_hit_rate, preemptions, cost_usd, cost_per_million_tokens_usd,
+duration_s, wall_s, sim_requests_per_s, per_engine, policy, fleet, slo, latency_quantiles,
+load_over_time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fleetserve.config import FleetConfig
+from fleetserve.sim.fleet import SimEngine, SimFleet
+from fleetserve.sim.metrics import SLO, RequestArrays, RequestMetrics, latency_stats_ms
+
+QUANTILE_POINTS = 101  # 0%, 1%, ..., 100%: enough to draw a CDF in the report
+
+
+@dataclass
+class LoadSeries:
+    """Per-engine in-flight requests and KV usage sampled over simulated time."""
+
+    engine_ids: list[str]
+    times: list[float] = field(default_factory=list)
+    in_flight: list[list[int]] = field(default_factory=list)  # one row per sample
+    kv_usage: list[list[float]] = field(default_factory=list)
+
+    def sample(self, now: float, engines: Sequence[SimEngine]) -> None:
+        self.times.append(now)
+        self.in_flight.append([engine.in_flight for engine in engines])
+        self.kv_usage.append([round(engine.view.kv_usage, 4) for engine in engines])
+
+    def to_json(self, start: float) -> dict[str, Any]:
+        return {
+            "t_s": [round(t - start, 4) for t in self.times],
+            "in_flight": {eid: [row[i] for row in self.in_flight] for i, eid in enumerate(self.engine_ids)},
+            "kv_usage": {eid: [row[i] for row in self.kv_usage] for i, eid in enumerate(self.engine_ids)},
+        }
+
+
+@dataclass
+class SimResult:
+    summary: dict[str, Any]  # the JSON object
+    requests: RequestArrays  # per request, for scripts that want more than the summary
+
+    def __getitem__(self, key: str) -> Any:
+        return self.summary[key]
+
+
+def build_result(
+    *,
+    config: FleetConfig,
+    policy: str,
+    fleet: SimFleet,
+    metrics: RequestMetrics,
+    slo: SLO,
+    start: float,
+    end: float,
+    load: LoadSeries,
+    wall_s: float,
+) -> SimResult:
+    arrays = metrics.arrays()
+    total = int(arrays.arrival.size)
+    done = arrays.completed
+    completed = int(done.sum())
+    duration = max(end - start, 0.0)
+    met = arrays.slo_met(slo)
+    output_tokens = int(arrays.output_tokens[done].sum())
+    prompt_tokens = int(arrays.prompt_tokens[done].sum())
+    cached_tokens = int(arrays.cached_tokens[done].sum())
+    usd_per_hour = sum(engine.usd_per_hour for engine in fleet.engines)
+    cost = usd_per_hour * duration / 3600.0
+    processed_tokens = prompt_tokens + output_tokens
+    ttft, tpot, e2e = arrays.ttft(), arrays.tpot(), arrays.e2e()
+    per_engine = {
+        engine.engine_id: _engine_summary(engine, arrays, met, duration) for engine in fleet.engines
+    }
+    summary: dict[str, Any] = {
+        "policy": policy,
+        "fleet": _fleet_summary(config, fleet),
+        "slo": {"ttft_ms": config.slo.ttft_ms, "tpot_ms": config.slo.tpot_ms},
+        "requests": total,
+        "completed": completed,
+        "failed": total - completed,
+        "failures": dict(sorted(metrics.failures.items())),
+        "duration_s": duration,
+        "ttft_ms": latency_stats_ms(ttft),
+        "tpot_ms": latency_stats_ms(tpot),
+        "itl_ms": metrics.itl.summary_ms(),
+        "e2e_ms": latency_stats_ms(e2e),
+        "slo_attainment": float(met.sum() / total) if total else 0.0,
+        "goodput_rps": float(met.sum() / duration) if duration > 0 else 0.0,
+        "throughput_tok_s": output_tokens / duration if duration > 0 else 0.0,
+        "prefix_hit_rate": cached_tokens / prompt_tokens if prompt_tokens else 0.0,
+        "preemptions": sum(engine.model.metrics.num_preemptions for engine in fleet.engines),
+        "cost_usd": cost,
+        "cost_per_million_tokens_usd": cost / processed_tokens * 1e6 if processed_tokens else None,
+        "wall_s": wall_s,
+        "sim_requests_per_s": total / wall_s if wall_s > 0 else None,
+        "per_engine": per_engine,
+        "latency_quantiles": {
+            "ttft_ms": _quantiles_ms(ttft),
+            "e2e_ms": _quantiles_ms(e2e),
+        },
+        "load_over_time": load.to_json(start),
+    }
+    return SimResult(summary, arrays)
+
+
+def _engine_summary(
+    engine: SimEngine, arrays: RequestArrays, met: np.ndarray, duration: float
+) -> dict[str, Any]:
+    mine = arrays.engine == engine.index
+    done = mine & arrays.completed
+    prompt = int(arrays.prompt_tokens[done].sum())
+    engine_metrics = engine.model.metrics
+    return {
+        "gpu": engine.group.gpu,
+        "model": engine.group.model,
+        "tp": engine.group.tp,
+        "requests": engine.dispatched,
+        "completed": int(done.sum()),
+        "slo_attainment": float(met[mine].sum() / mine.sum()) if mine.any() else None,
+        "utilization": engine.busy_time / duration if duration > 0 else 0.0,
+        "output_tokens": int(arrays.output_tokens[done].sum()),
+        "prefix_hit_rate": int(arrays.cached_tokens[done].sum()) / prompt if prompt else 0.0,
+        "preemptions": engine_metrics.num_preemptions,
+        "capacity": engine.view.capacity,
+        "cost_usd": engine.usd_per_hour * duration / 3600.0,
+    }
+
+
+def _fleet_summary(config: FleetConfig, fleet: SimFleet) -> dict[str, Any]:
+    return {
+        "engines": len(fleet.engines),
+        "groups": [
+            {"name": g.name, "model": g.model, "gpu": g.gpu, "tp": g.tp, "replicas": g.replicas}
+            for g in config.engines
+        ],
+        "skipped": fleet.skipped,
+        "usd_per_hour": sum(engine.usd_per_hour for engine in fleet.engines),
+    }
+
+
+def _quantiles_ms(seconds: np.ndarray) -> list[float]:
+    if seconds.size == 0:
+        return []
+    return [round(float(v), 3) for v in np.quantile(seconds, np.linspace(0, 1, QUANTILE_POINTS)) * 1000.0]

@@ -1,0 +1,135 @@
+"""Real processes for gateway tests: controllable upstream engines and a `fleetserve serve` gateway."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tests.helpers import free_port, wait_until
+
+UPSTREAM = Path(__file__).with_name("upstream_server.py")
+FLEETSERVE = Path(sys.executable).with_name("fleetserve")
+
+
+@dataclass
+class Process:
+    popen: subprocess.Popen[bytes]
+    url: str
+    name: str
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait(timeout=10)
+
+
+@dataclass
+class Processes:
+    """Starts processes in their own process groups and kills every group at teardown."""
+
+    tmp_path: Path
+    started: list[Process] = field(default_factory=list)
+
+    def upstream(
+        self, name: str, model: str = "test-model", adapters: tuple[str, ...] = (), chunk_delay_ms: float = 5
+    ) -> Process:
+        port = free_port()
+        argv = [sys.executable, str(UPSTREAM), "--port", str(port), "--model", model, "--name", name]
+        argv += ["--chunk-delay-ms", str(chunk_delay_ms)]
+        for adapter in adapters:
+            argv += ["--adapter", adapter]
+        process = self._spawn(argv, f"http://127.0.0.1:{port}", name)
+        wait_until(lambda: answers(process.url + "/v1/models"), timeout=20, message=f"{name} up")
+        return process
+
+    def gateway(
+        self, engines: list[Process | dict[str, Any]], router: dict | None = None, **gateway: Any
+    ) -> Process:
+        port = free_port()
+        fleet = {
+            "engines": [
+                engine
+                if isinstance(engine, dict)
+                else {"name": engine.name, "model": "test-model", "url": engine.url, "dialect": "vllm"}
+                for engine in engines
+            ],
+            "router": {"debug_header": True, **(router or {})},
+            "gateway": {"health_interval_s": 0.2, "scrape_interval_s": 0.2, **gateway},
+        }
+        path = self.tmp_path / f"fleet-{port}.yaml"
+        path.write_text(yaml.safe_dump(fleet))
+        argv = [str(FLEETSERVE), "serve", "-c", str(path), "--port", str(port), "--no-launch"]
+        process = self._spawn(argv, f"http://127.0.0.1:{port}", "gateway")
+        wait_until(lambda: answers(process.url + "/ready"), timeout=30, message="gateway ready")
+        return process
+
+    def _spawn(self, argv: list[str], url: str, name: str) -> Process:
+        log = (self.tmp_path / f"{name}-{len(self.started)}.log").open("wb")
+        popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = Process(popen, url, name)
+        self.started.append(process)
+        return process
+
+    def close(self) -> None:
+        for process in reversed(self.started):
+            process.kill()
+
+
+def running_processes(tmp_path: Path) -> Iterator[Processes]:
+    """Body of a test module's `procs` fixture."""
+    processes = Processes(tmp_path)
+    try:
+        yield processes
+    finally:
+        processes.close()
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def post_json(url: str, payload: object) -> Any:
+    request = urllib.request.Request(
+        url, data=json.dumps(payload).encode(), headers={"content-type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def control(upstream: Process, **state: Any) -> None:
+    post_json(upstream.url + "/control", state)
+
+
+def metric_value(gateway: Process, name: str, **labels: str) -> float | None:
+    """The sum of the gateway's /metrics samples of `name` that carry `labels`, or None when absent."""
+    with urllib.request.urlopen(gateway.url + "/metrics", timeout=5) as response:
+        text = response.read().decode()
+    total = None
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        series, _, value = line.rpartition(" ")
+        if series.split("{")[0] != name:
+            continue
+        if all(f'{key}="{wanted}"' in series for key, wanted in labels.items()):
+            total = float(value) + (total or 0.0)
+    return total
