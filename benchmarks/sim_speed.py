@@ -103,7 +103,9 @@ def main() -> None:
         profiler.enable()
         simulate(config, trace, "least_request", args.seed, options=options)
         profiler.disable()
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+        stats = pstats.Stats(profiler)
+        stats.sort_stats("tottime").print_stats(25)
+        print_breakdown(stats)
         return
     walls, cpus = [], []
     for _ in range(args.repeat):
@@ -125,6 +127,31 @@ def main() -> None:
     print("\n".join(lines))
     if not args.no_append:
         append_section(args, lines)
+
+
+# (file suffix, function name) -> the part of the system the time belongs to; cumulative times, so
+# these must not nest in one another
+PARTS = {
+    ("model/engine.py", "advance"): "engine model: advance",
+    ("model/engine.py", "add_request"): "engine model: add_request",
+    ("routing/simple.py", "choose"): "routing policy: choose",
+    ("workload/prompts.py", "prompt_token_ids"): "prompt tokens (workload)",
+    ("~", "<method 'tolist' of 'numpy.ndarray' objects>"): "prompt tokens (workload)",
+}
+
+
+def print_breakdown(stats: pstats.Stats) -> None:
+    """Share of the profiled time by part: engine model, policy, prompts, and the simulator's own loop."""
+    total = stats.total_tt  # type: ignore[attr-defined]
+    parts: dict[str, float] = {}
+    for (filename, _, name), (_, _, _, cumulative, _) in stats.stats.items():  # type: ignore[attr-defined]
+        for (suffix, function), part in PARTS.items():
+            if name == function and filename.endswith(suffix):
+                parts[part] = parts.get(part, 0.0) + cumulative
+    parts["simulator loop and metrics (the rest)"] = total - sum(parts.values())
+    print("where the time goes (cProfile, cumulative):")
+    for part, seconds in sorted(parts.items(), key=lambda item: -item[1]):
+        print(f"  {part:40s} {seconds:7.2f} s  {seconds / total:6.1%}")
 
 
 def append_section(args: argparse.Namespace, lines: list[str]) -> None:

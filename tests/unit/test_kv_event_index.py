@@ -2,6 +2,11 @@ from __future__ import annotations
 
 import random
 
+import msgpack
+import pytest
+
+from fleetserve.engines.emulator.kv_events import encode_batch
+from fleetserve.fleet.kv_events import EventFormatError, decode_batch, decode_event
 from fleetserve.model.engine import EngineModel
 from fleetserve.model.kvcache import hash_prompt_blocks
 from fleetserve.model.scheduler import SchedulerConfig
@@ -117,3 +122,42 @@ def check_agreement(engine: EngineModel, indexer: KVEventIndexer, prompts: list[
         hashes = hash_prompt_blocks(prompt, 16)
         expected = engine.kv.count_cached_prefix(hashes, len(hashes))
         assert indexer.index.match(hashes).get("engine", 0) == expected
+
+
+# ---- the wire format (fleet/kv_events.py) ----------------------------------------------------------
+
+
+def test_decoder_reads_every_vllm_event_layout() -> None:
+    tokens = list(range(8))
+    expected = BlockStored((11, 12), 10, tuple(tokens), 4, lora_id=7, medium="GPU", lora_name="ad")
+    older = ["BlockStored", [11, 12], 10, tokens, 4, 7, "GPU"]  # before lora_name existed
+    current = [*older, "ad"]
+    newer = [*current, None, {"extra": 1}]  # fields added after lora_name are ignored
+    as_map = {"type": "BlockStored", "block_hashes": [11, 12], "parent_block_hash": 10, "token_ids": tokens,
+              "block_size": 4, "lora_id": 7, "medium": "GPU", "lora_name": "ad"}  # fmt: skip
+    assert decode_event(current) == expected
+    assert decode_event(newer) == expected
+    assert decode_event(as_map) == expected
+    assert decode_event(older) == BlockStored((11, 12), 10, tuple(tokens), 4, lora_id=7)
+    assert decode_event(["BlockRemoved", [b"\x01\x02"], "GPU"]) == BlockRemoved((0x0102,))
+    assert decode_event(["AllBlocksCleared"]) == AllBlocksCleared()
+    assert decode_event(["SomethingNew", 1]) is None
+    with pytest.raises(EventFormatError):
+        decode_event(["BlockStored", [1]])
+    with pytest.raises(EventFormatError):
+        decode_event(42)
+
+
+def test_decoder_reads_the_emulators_batches_in_both_formats() -> None:
+    events = [
+        BlockStored((1, 2), None, tuple(range(8)), 4, lora_name=None),
+        BlockRemoved((1,)),
+        AllBlocksCleared(),
+    ]
+    for event_format in ("array", "map"):
+        assert decode_batch(encode_batch(events, ts=1.5, event_format=event_format)) == events
+    assert decode_batch(msgpack.packb([1.0, []])) == []  # no data-parallel rank: older vLLM
+    with pytest.raises(EventFormatError):
+        decode_batch(b"\xc1")
+    with pytest.raises(EventFormatError):
+        decode_batch(msgpack.packb([1.0]))

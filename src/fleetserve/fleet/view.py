@@ -3,33 +3,78 @@
 Capacity comes from the engine model: `CostModel.capacity_tokens_per_s` for the engine's GPU, model and
 TP degree, divided by the smallest such figure among engines of the same model, so the slowest known
 engine of a model has capacity 1.0. Engines whose GPU or model the catalog does not know get 1.0.
+
+Engines the catalog knows also get a `predictor` (prompt_len, cached_tokens) -> TTFT seconds, which
+SLO-aware policies compare with the request's TTFT objective. The live gateway cannot see inside an
+engine's queue, so the estimate is deliberately simple:
+
+    TTFT = prefill of the request's uncached tokens + queued_ahead * prefill of a typical prompt
+
+where both prefills are `CostModel.iteration_time` of one chunk on an otherwise idle engine, and
+`queued_ahead = max(scraped waiting, in_flight - scraped running)`: the scrape lags, while requests the
+gateway dispatched beyond what the engine last reported running are queued there (or on their way).
+It ignores the decode batch sharing each iteration and an emulated engine's `time_scale`; the simulator
+uses the engine model's own `predict_ttft`, which sees the queue exactly.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
+from dataclasses import dataclass
 
 from fleetserve.fleet.registry import EngineRegistry, EngineState
 from fleetserve.model.catalog import Catalog, UnknownEntry, default_catalog
 from fleetserve.model.cost import CostModel
 from fleetserve.routing import EngineView, FleetView
 
+# The prompt length a request queued ahead is assumed to have: the demo and Azure conversation traces
+# average 1-2k tokens, and vLLM's default chunk is larger, so one such prompt is about one iteration.
+TYPICAL_QUEUED_PROMPT_TOKENS = 1024
 
-def absolute_capacity(gpu: str | None, model: str, tp: int, catalog: Catalog) -> float | None:
-    """Reference tokens/s of this engine, or None when the catalog lacks its GPU or model."""
+
+def cost_model(gpu: str | None, model: str, tp: int, catalog: Catalog) -> CostModel | None:
+    """The engine model's cost model of this engine, or None when the catalog lacks its GPU or model."""
     if gpu is None:
         return None
     try:
-        return CostModel(catalog.gpu(gpu), catalog.model(model), tp=tp).capacity_tokens_per_s
-    except UnknownEntry:
+        return CostModel(catalog.gpu(gpu), catalog.model(model), tp=tp)
+    except (UnknownEntry, ValueError):  # ValueError: a TP degree the model's heads do not divide
         return None
+
+
+def absolute_capacity(gpu: str | None, model: str, tp: int, catalog: Catalog) -> float | None:
+    """Reference tokens/s of this engine, or None when the catalog lacks its GPU or model."""
+    cost = cost_model(gpu, model, tp, catalog)
+    return None if cost is None else cost.capacity_tokens_per_s
+
+
+@dataclass(frozen=True, slots=True)
+class TTFTEstimate:
+    """An engine view's `predictor`: see the module docstring for the formula and what it leaves out."""
+
+    cost: CostModel
+    typical_prefill_s: float
+    queued_ahead: int
+
+    def __call__(self, prompt_len: int, cached_tokens: int = 0) -> float:
+        cached = max(0, min(cached_tokens, prompt_len - 1))
+        own = self.cost.iteration_time([(max(1, prompt_len - cached), cached)], [])
+        return own + self.queued_ahead * self.typical_prefill_s
+
+
+@dataclass(frozen=True, slots=True)
+class _EngineModel:
+    cost: CostModel
+    capacity: float
+    typical_prefill_s: float
 
 
 class ViewBuilder:
     def __init__(self, registry: EngineRegistry, catalog: Catalog | None = None) -> None:
         self._registry = registry
         self._catalog = catalog or default_catalog()
-        self._absolute: dict[str, float | None] = {}
+        # keyed by (gpu, model, tp), not engine id: an id removed and added again may be another engine
+        self._models: dict[tuple[str | None, str, int], _EngineModel | None] = {}
         self._relative_version = -1
 
     def build(self, exclude: Collection[str] = ()) -> FleetView:
@@ -45,6 +90,13 @@ class ViewBuilder:
 
     def engine_view(self, engine: EngineState) -> EngineView:
         metrics = engine.metrics
+        running = (metrics.running or 0) if metrics else 0
+        waiting = (metrics.waiting or 0) if metrics else 0
+        known = self._model_of(engine)
+        predictor = None
+        if known is not None:
+            queued_ahead = max(waiting, engine.in_flight - running, 0)
+            predictor = TTFTEstimate(known.cost, known.typical_prefill_s, queued_ahead)
         return EngineView(
             engine_id=engine.engine_id,
             model=engine.model,
@@ -54,13 +106,14 @@ class ViewBuilder:
             healthy=engine.health.routable,
             ready=engine.health.ready,
             in_flight=engine.in_flight,
-            running=(metrics.running or 0) if metrics else 0,
-            waiting=(metrics.waiting or 0) if metrics else 0,
+            running=running,
+            waiting=waiting,
             kv_usage=(metrics.kv_usage or 0.0) if metrics else 0.0,
             capacity=engine.capacity,
             max_loras=(metrics.max_loras if metrics and metrics.max_loras is not None else engine.max_loras),
             num_gpu_blocks=(metrics.num_gpu_blocks or 0) if metrics else 0,
             block_size=(metrics.block_size if metrics and metrics.block_size else engine.block_size),
+            predictor=predictor,
         )
 
     def refresh_capacities(self) -> None:
@@ -68,17 +121,25 @@ class ViewBuilder:
         if self._relative_version == self._registry.version:
             return
         engines = self._registry.engines()
-        for engine in engines:
-            if engine.engine_id not in self._absolute:
-                self._absolute[engine.engine_id] = absolute_capacity(
-                    engine.gpu, engine.model, engine.tp, self._catalog
-                )
         smallest: dict[str, float] = {}
         for engine in engines:
-            absolute = self._absolute[engine.engine_id]
-            if absolute is not None:
-                smallest[engine.model] = min(absolute, smallest.get(engine.model, absolute))
+            known = self._model_of(engine)
+            if known is not None:
+                smallest[engine.model] = min(known.capacity, smallest.get(engine.model, known.capacity))
         for engine in engines:
-            absolute = self._absolute[engine.engine_id]
-            engine.capacity = 1.0 if absolute is None else absolute / smallest[engine.model]
+            known = self._model_of(engine)
+            engine.capacity = 1.0 if known is None else known.capacity / smallest[engine.model]
         self._relative_version = self._registry.version
+
+    def _model_of(self, engine: EngineState) -> _EngineModel | None:
+        key = (engine.gpu, engine.model, engine.tp)
+        if key not in self._models:
+            cost = cost_model(engine.gpu, engine.model, engine.tp, self._catalog)
+            self._models[key] = (
+                None
+                if cost is None
+                else _EngineModel(
+                    cost, cost.capacity_tokens_per_s, cost.prefill_time(TYPICAL_QUEUED_PROMPT_TOKENS)
+                )
+            )
+        return self._models[key]

@@ -24,7 +24,8 @@ from fleetserve.gateway.asgi import Receive, Scope, Send, send_bytes, send_error
 from fleetserve.gateway.dispatch import Dispatcher, ModelIndex
 from fleetserve.gateway.metrics import GatewayMetrics
 from fleetserve.gateway.proxy import Proxy
-from fleetserve.model.catalog import Catalog
+from fleetserve.gateway.tokens import PromptTokenizer
+from fleetserve.model.catalog import Catalog, default_catalog
 from fleetserve.protocol.errors import APIError
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,14 @@ class Gateway:
         self.views = ViewBuilder(self.registry, catalog)
         self.dispatcher = Dispatcher(router, self.registry, self.views, self.metrics, seed)
         self.proxy = Proxy(
-            config.gateway, self.dispatcher, self.models, self.metrics, self.session, router.debug_header
+            config.gateway,
+            self.dispatcher,
+            self.models,
+            self.metrics,
+            self.session,
+            router.debug_header,
+            slo=config.slo,
+            tokenizer=PromptTokenizer(catalog or default_catalog()),
         )
         self._session: aiohttp.ClientSession | None = None
         self._health: HealthChecker | None = None

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from fleetserve.config import GatewayConfig
+from fleetserve.config import GatewayConfig, SLOConfig
 from fleetserve.fleet.registry import EngineState
 from fleetserve.gateway.admission import (
     AdmissionGate,
@@ -28,6 +28,7 @@ from fleetserve.gateway.admission import (
 from fleetserve.gateway.asgi import Receive, Scope, Send, header_map, send_error
 from fleetserve.gateway.dispatch import Dispatcher, ModelIndex
 from fleetserve.gateway.metrics import GatewayMetrics
+from fleetserve.gateway.tokens import PromptTokenizer
 from fleetserve.protocol.errors import APIError
 from fleetserve.protocol.sse import DONE, sse_error
 from fleetserve.routing import Decision, Policy, RequestInfo
@@ -63,8 +64,15 @@ class Proxy:
         session: Callable[[], aiohttp.ClientSession],
         debug_header: bool,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        slo: SLOConfig | None = None,
+        tokenizer: PromptTokenizer | None = None,
     ) -> None:
+        """`slo` is the fleet's objective, handed to policies with every request; `tokenizer` gives
+        policies the prompt's token ids (for prefix hashing) when the model is known."""
         self._config = config
+        self._slo = slo
+        self._tokenizer = tokenizer
         self._dispatcher = dispatcher
         self._models = models
         self._metrics = metrics
@@ -106,14 +114,24 @@ class Proxy:
             self._count(model, "", error.status)
             await send_error(send, error)
             return
+        token_ids = (
+            None
+            if self._tokenizer is None
+            else self._tokenizer.token_ids(parsed.payload, endpoint, base_model)
+        )
+        slo = self._slo
         info = RequestInfo(
             request_id=self._dispatcher.next_request_id(),
             model=base_model,
             adapter=adapter,
-            prompt_len=parsed.prompt_len,
+            prompt_len=len(token_ids) if token_ids else parsed.prompt_len,
             max_output_tokens=parsed.max_output_tokens,
+            prompt_token_ids=token_ids,
             tenant=_text(headers.get(b"x-fleetserve-tenant")) or _user(parsed),
-            session=_text(headers.get(b"x-fleetserve-session")),
+            session=_text(headers.get(b"x-session-id") or headers.get(b"x-fleetserve-session"))
+            or _user(parsed),
+            ttft_slo_ms=slo.ttft_ms if slo else None,
+            tpot_slo_ms=slo.tpot_ms if slo else None,
             arrival_time=arrival,
         )
         forward_headers = {"content-type": "application/json"}

@@ -29,9 +29,10 @@ async def run_gateway(
     policy: str | None = None,
     on_ready: Callable[[str], None] | None = None,
     gateway: Gateway | None = None,
+    stop: asyncio.Event | None = None,
 ) -> None:
-    """Serve until SIGINT/SIGTERM. `port` and `policy` override the fleet file; `on_ready` receives the
-    gateway's base URL once it listens (useful with port 0)."""
+    """Serve until SIGINT/SIGTERM (or until `stop` is set). `port` and `policy` override the fleet file;
+    `on_ready` receives the gateway's base URL once it listens (useful with port 0)."""
     settings = config.gateway
     gateway = gateway or Gateway(config, policy=policy)
     main = uvicorn.Server(
@@ -48,6 +49,11 @@ async def run_gateway(
         if main.started and on_ready is not None:
             host, bound_port = main.servers[0].sockets[0].getsockname()[:2]
             on_ready(f"http://{host}:{bound_port}")
+        if stop is not None:
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            main.should_exit = True
         await serving
     finally:
         if admin is not None and admin_serving is not None:

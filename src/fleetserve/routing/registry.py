@@ -8,6 +8,8 @@ from typing import Any
 from fleetserve.routing.base import Policy
 from fleetserve.routing.cache_aware import KVCostPolicy, PrefixAwarePolicy
 from fleetserve.routing.dualmap import DualMapPolicy
+from fleetserve.routing.laps import LAPSPolicy
+from fleetserve.routing.scored import ScoredPolicy
 from fleetserve.routing.simple import (
     LeastKVPolicy,
     LeastRequestPolicy,
@@ -15,6 +17,7 @@ from fleetserve.routing.simple import (
     RandomPolicy,
     RoundRobinPolicy,
 )
+from fleetserve.routing.slo import LoraAffinityPolicy, SessionPolicy, SLOAwarePolicy
 
 POLICIES: dict[str, type[Policy]] = {}
 
@@ -34,6 +37,11 @@ for _cls in (
     PrefixAwarePolicy,
     KVCostPolicy,
     DualMapPolicy,
+    LAPSPolicy,
+    SLOAwarePolicy,
+    SessionPolicy,
+    LoraAffinityPolicy,
+    ScoredPolicy,
 ):
     register_policy(_cls)
 

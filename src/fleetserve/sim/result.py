@@ -46,8 +46,12 @@ class LoadSeries:
 
 @dataclass
 class SimResult:
-    summary: dict[str, Any]  # the JSON object
-    requests: RequestArrays  # per request, for scripts that want more than the summary
+    """`summary` is the JSON object; `requests` holds per-request arrays (arrival, first token, finish in
+    simulated seconds, token counts, engine index; NaN finish = failed) in the trace's arrival order,
+    for scripts such as the twin check that want more than the summary."""
+
+    summary: dict[str, Any]
+    requests: RequestArrays
 
     def __getitem__(self, key: str) -> Any:
         return self.summary[key]

@@ -1,0 +1,248 @@
+"""Every routing policy, live, on the Mooncake conversation trace and an emulated heterogeneous fleet.
+
+For each policy in turn: start a fresh fleet of emulated engines (cold prefix caches; all engines in one
+process, `fleetserve engine emulate --fleet`), a gateway in front of it (`fleetserve serve --no-launch
+--policy P`), replay the same slice of the trace through it with the load generator
+(`fleetserve.bench.run_bench`, streaming completions; the trace's hash_ids become shared prompt text), and
+read the engines' prefix-cache counters before and after. Appends a table to docs/benchmarks.md.
+
+    python benchmarks/routing_live.py                       # every policy, ~1 min each
+    python benchmarks/routing_live.py --policies round_robin,prefix_aware --requests 100
+
+Scaling to a 2-core machine: `--rate-scale` speeds the trace's arrivals up, `--time-scale` stretches every
+engine duration (so a scale of 2 with a rate scale of 2 is the real load, twice as slow), and the engines
+stream 8 tokens per chunk to keep the event count (CPU) down; TPOT is unaffected (it comes from usage).
+
+Trace: kvcache-ai/Mooncake FAST25-release conversation trace (Apache-2.0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from fleetserve.bench.metrics import SLO
+from fleetserve.bench.runner import BenchConfig, BenchResult, run_bench
+from fleetserve.routing import POLICIES
+
+ROOT = Path(__file__).resolve().parents[1]
+TRACE = Path("/work/shared/data/traces/mooncake_conversation.jsonl")
+FLEETSERVE = Path(sys.executable).with_name("fleetserve")
+MODEL = "llama-3-8b"
+FLEET = (("h100", "h100-80g", 4), ("a100", "a100-80g", 4), ("l4", "l4", 8))
+# the cache-aware policies first, so a short run still shows the headline comparison
+ORDER = ("round_robin", "prefix_aware", "kv_cost", "dualmap", "scored", "slo_aware", "session")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} not ready within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def metric_sum(url: str, name: str) -> float:
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
+        text = response.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and line.split("{")[0].split(" ")[0] == name:
+            total += float(line.rpartition(" ")[2])
+    return total
+
+
+def prefix_counters(urls: list[str]) -> tuple[float, float]:
+    hits = sum(metric_sum(url, "vllm:prefix_cache_hits_total") for url in urls)
+    queries = sum(metric_sum(url, "vllm:prefix_cache_queries_total") for url in urls)
+    return hits, queries
+
+
+def spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+
+def run_policy(policy: str, args: argparse.Namespace, trace: Path, work: Path) -> tuple[BenchResult, float]:
+    """One run on a fresh fleet; returns the bench result and the fleet's prefix-cache hit rate."""
+    groups, urls = [], []
+    for name, gpu, replicas in FLEET:
+        for index in range(replicas):
+            port = free_port()
+            urls.append(f"http://127.0.0.1:{port}")
+            groups.append({"name": f"{name}-{index}", "model": MODEL, "gpu": gpu, "port": port})
+    engines_file = work / f"engines-{policy}.yaml"
+    engines_file.write_text(
+        yaml.safe_dump({"engines": [{**g, "time_scale": args.time_scale} for g in groups]})
+    )
+    gateway_port = free_port()
+    gateway_file = work / f"gateway-{policy}.yaml"
+    external = [
+        {"name": g["name"], "model": MODEL, "gpu": g["gpu"], "url": url}
+        for g, url in zip(groups, urls, strict=True)
+    ]
+    gateway_file.write_text(
+        yaml.safe_dump(
+            {
+                "engines": external,
+                "router": {"policy": policy},
+                "slo": {"ttft_ms": args.ttft_slo_ms, "tpot_ms": args.tpot_slo_ms},
+                "gateway": {"scrape_interval_s": 0.25, "health_interval_s": 1.0, "max_queue": 4096},
+            }
+        )
+    )
+    engines = spawn(
+        [str(FLEETSERVE), "engine", "emulate", "--fleet", str(engines_file), "--stream-interval", "8"],
+        work / f"engines-{policy}.log",
+    )
+    gateway = None
+    try:
+        wait_for(lambda: all(answers(url + "/v1/models") for url in urls), 120, "engines")
+        gateway = spawn(
+            [str(FLEETSERVE), "serve", "-c", str(gateway_file), "--no-launch", "--port", str(gateway_port)],
+            work / f"gateway-{policy}.log",
+        )
+        gateway_url = f"http://127.0.0.1:{gateway_port}"
+        wait_for(
+            lambda: answers(gateway_url + "/ready")
+            and metric_sum(gateway_url, "fleetserve_engine_routable") == len(urls),
+            60,
+            "gateway",
+        )
+        before = prefix_counters(urls)
+        config = BenchConfig(
+            url=gateway_url,
+            model=MODEL,
+            trace=trace,
+            rate_scale=args.rate_scale,
+            endpoint="completions",
+            slo=SLO(ttft_ms=args.ttft_slo_ms, tpot_ms=args.tpot_slo_ms),
+            timeout_s=300.0,
+            label=policy,
+        )
+        result = asyncio.run(run_bench(config))
+        after = prefix_counters(urls)
+    finally:
+        if gateway is not None:
+            stop(gateway)
+        stop(engines)
+    queries = after[1] - before[1]
+    return result, (after[0] - before[0]) / queries if queries else 0.0
+
+
+def trace_slice(requests: int, work: Path) -> Path:
+    lines = TRACE.read_text().splitlines()[:requests]
+    path = work / "trace.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def fmt(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--policies", default=",".join([*ORDER, *sorted(set(POLICIES) - set(ORDER))]))
+    parser.add_argument("--requests", type=int, default=200, help="first N requests of the trace")
+    parser.add_argument("--rate-scale", type=float, default=2.0, help="speed the trace's arrivals up")
+    parser.add_argument("--time-scale", type=float, default=1.0, help="stretch engine durations")
+    parser.add_argument("--ttft-slo-ms", type=float, default=2000.0)
+    parser.add_argument("--tpot-slo-ms", type=float, default=100.0)
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md")
+    args = parser.parse_args()
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    unknown = sorted(set(policies) - set(POLICIES))
+    if unknown:
+        parser.error(f"unknown policies {unknown}; valid: {sorted(POLICIES)}")
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="routing_live_") as tmp:
+        work = Path(tmp)
+        trace = trace_slice(args.requests, work)
+        for policy in policies:
+            started = time.monotonic()
+            result, hit_rate = run_policy(policy, args, trace, work)
+            s = result.summary
+            attainment = s.goodput * s.duration_s / s.sent if s.goodput is not None and s.sent else None
+            row = (
+                f"| {policy} | {s.completed}/{s.sent} | {fmt(s.ttft_ms.median)} | {fmt(s.ttft_ms.p99)} "
+                f"| {fmt(s.tpot_ms.median, 1)} | {fmt(s.tpot_ms.p99, 1)} | {fmt(100 * (attainment or 0), 1)}% "
+                f"| {100 * hit_rate:.1f}% |"
+            )
+            rows.append(row)
+            print(row, f"({time.monotonic() - started:.0f} s)", flush=True)
+
+    fleet = ", ".join(f"{n} x {gpu}" for _, gpu, n in FLEET)
+    command = "python benchmarks/routing_live.py " + " ".join(sys.argv[1:])
+    section = "\n".join(
+        [
+            f"## Routing policies live on the Mooncake conversation trace ({datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC)",
+            "",
+            f"- machine: {os.cpu_count()} cores ({cpu_model()}), Python {platform.python_version()}, shared with other jobs",
+            f"- command: `{command.strip()}`",
+            f"- fleet: {fleet} emulated engines serving {MODEL} (time_scale {args.time_scale}, 8 tokens per "
+            "stream chunk), a fresh fleet (cold caches) per policy, the gateway's default settings",
+            f"- workload: the first {args.requests} requests of the Mooncake conversation trace "
+            f"(kvcache-ai/Mooncake FAST25-release, Apache-2.0), arrivals sped up {args.rate_scale}x, streaming "
+            "completions; shared hash_ids become shared prompt text",
+            f"- SLO: TTFT <= {args.ttft_slo_ms:.0f} ms and TPOT <= {args.tpot_slo_ms:.0f} ms; prefix hit rate = "
+            "engines' vllm:prefix_cache_hits_total / queries_total over the run; latencies in ms",
+            "",
+            "| policy | completed | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | SLO attainment | prefix hit rate |",
+            "|---|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+        ]
+    )
+    print(section)
+    if not args.no_write:
+        with (ROOT / "docs" / "benchmarks.md").open("a") as out:
+            out.write("\n" + section)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""Policies that route on what a request needs: its latency objective, its session, its LoRA adapter.
+
+- `slo_aware` predicts the time to first token on every candidate and takes the lowest; optionally it
+  refuses (429) a request that no engine can serve within its TTFT objective, instead of letting it
+  queue and miss anyway.
+- `session` keeps a conversation on one engine with consistent hashing, so its growing prompt keeps
+  hitting the same prefix cache, and fails over to the next engine on the ring when that one is down.
+- `lora_affinity` scores engines as llm-d's LoRA-affinity scorer does: the adapter resident 1.0, a free
+  adapter slot 0.8, the adapter loading 0.6, otherwise 0; ties go to the less loaded engine.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+
+from fleetserve.routing.base import (
+    Decision,
+    EngineView,
+    FleetView,
+    Policy,
+    RejectRequest,
+    RequestInfo,
+    require_candidates,
+)
+from fleetserve.routing.cache_aware import DEFAULT_MAX_BLOCKS, DEFAULT_MAX_BYTES, DEFAULT_TTL_S
+from fleetserve.routing.dualmap import HashRing, stable_hash
+from fleetserve.routing.prefix import PrefixMatcher, prompt_tokens
+
+# ---- TTFT prediction ---------------------------------------------------------------------------------
+
+
+class TTFTEstimator:
+    """Predicted TTFT of a request on each candidate engine, in seconds: the engine view's predictor
+    (`EngineView.predictor`) given the request's prompt length and the tokens that engine holds in its
+    prefix cache. An engine without a predictor gets no prediction (None).
+
+    The queueing term: requests the router dispatched that the engine has not reported yet are counted
+    where the router's exact `in_flight` meets the engine's lagging report, inside the predictor, not
+    here. The simulator's predictor is the engine model itself, which holds every dispatched request the
+    moment it is dispatched; the gateway's (`fleetserve.fleet.view.TTFTEstimate`) puts
+    `max(waiting, in_flight - running)` prompts of a typical size ahead of this one. Adding
+    `in_flight - running - waiting` again here would count those requests twice.
+
+    Cached tokens come from the prefix index (`fleetserve.routing.prefix.PrefixMatcher`): the fleet's
+    precise one when the view has it, else an approximate one learned from this router's dispatches.
+    """
+
+    def __init__(self, *, max_entries: int, max_bytes: int, ttl_s: float) -> None:
+        self.prefixes = PrefixMatcher(max_entries=max_entries, max_bytes=max_bytes, ttl_s=ttl_s)
+
+    def cached_tokens(
+        self, request: RequestInfo, view: FleetView, candidates: Sequence[EngineView], now: float
+    ) -> dict[str, int]:
+        """Per candidate, how many prompt tokens it holds in its prefix cache (whole blocks)."""
+        _, matched = self.prefixes.match(request, view, candidates, now)
+        block_size = self.prefixes.block_size
+        # the engine recomputes at least the last prompt token to produce the first output token
+        ceiling = max(0, prompt_tokens(request) - 1)
+        return {e.engine_id: min(ceiling, matched.get(e.engine_id, 0) * block_size) for e in candidates}
+
+    def predict(
+        self, request: RequestInfo, candidates: Sequence[EngineView], cached: Mapping[str, int]
+    ) -> dict[str, float | None]:
+        tokens = prompt_tokens(request)
+        return {
+            engine.engine_id: None
+            if engine.predictor is None
+            else engine.predictor(tokens, cached.get(engine.engine_id, 0))
+            for engine in candidates
+        }
+
+    def dispatched(self, request: RequestInfo, engine_id: str, now: float) -> None:
+        self.prefixes.record(request, engine_id, now)
+
+
+class SLOAwarePolicy(Policy):
+    """Lowest predicted TTFT (see `TTFTEstimator`); engines without a predictor rank after all others,
+    by normalised load. `ttft_slo_ms` is the objective of requests that carry none (the gateway passes
+    the fleet's). With `reject_when_unmeetable`, a request whose best prediction breaks its objective
+    is refused with 429, which tells a client to back off or try another region."""
+
+    name = "slo_aware"
+
+    def __init__(
+        self,
+        *,
+        ttft_slo_ms: float | None = None,
+        reject_when_unmeetable: bool = False,
+        max_tree_size: int = DEFAULT_MAX_BLOCKS,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        ttl_s: float = DEFAULT_TTL_S,
+        seed: int | None = None,
+    ) -> None:
+        if ttft_slo_ms is not None and ttft_slo_ms <= 0:
+            raise ValueError(f"ttft_slo_ms must be > 0, got {ttft_slo_ms}")
+        self.ttft_slo_ms = ttft_slo_ms
+        self.reject_when_unmeetable = reject_when_unmeetable
+        self.estimator = TTFTEstimator(max_entries=max_tree_size, max_bytes=max_bytes, ttl_s=ttl_s)
+        self._rng = random.Random(seed)
+
+    def choose(self, request: RequestInfo, view: FleetView, now: float) -> Decision:
+        candidates = require_candidates(request, view)
+        cached = self.estimator.cached_tokens(request, view, candidates, now)
+        predicted = self.estimator.predict(request, candidates, cached)
+
+        def rank(engine: EngineView) -> tuple[float, float]:
+            seconds = predicted[engine.engine_id]
+            return (math.inf if seconds is None else seconds, engine.normalized_load)
+
+        best_rank = min(rank(engine) for engine in candidates)
+        tied = [engine for engine in candidates if rank(engine) == best_rank]
+        best = tied[0] if len(tied) == 1 else self._rng.choice(tied)
+        best_s = predicted[best.engine_id]
+        if best_s is None:
+            return Decision(best.engine_id, "no_prediction")
+        slo_ms = request.ttft_slo_ms if request.ttft_slo_ms is not None else self.ttft_slo_ms
+        if slo_ms is not None and best_s * 1000.0 > slo_ms:
+            if self.reject_when_unmeetable:
+                raise RejectRequest(
+                    429,
+                    f"no engine can meet the time-to-first-token objective of {slo_ms:.0f} ms "
+                    f"(best prediction {best_s * 1000.0:.0f} ms on {best.engine_id}); retry later",
+                )
+            return Decision(best.engine_id, "slo_unmeetable")
+        return Decision(best.engine_id, "lowest_ttft")
+
+    def on_dispatch(self, request: RequestInfo, engine_id: str, now: float) -> None:
+        self.estimator.dispatched(request, engine_id, now)
+
+
+# ---- sessions ----------------------------------------------------------------------------------------
+
+
+class SessionPolicy(Policy):
+    """Consistent hashing of the session key onto a ring of the model's engines, `virtual_nodes` points
+    each. The ring holds every engine that serves the request, healthy or not, so a session moves only
+    while its engine is down (to the next engine clockwise that can take it) and comes back after.
+    Adding or removing an engine remaps only the sessions on its arcs. Requests without a session go to
+    the least loaded candidate."""
+
+    name = "session"
+
+    def __init__(self, *, virtual_nodes: int = 100, seed: int | None = None) -> None:
+        if virtual_nodes < 1:
+            raise ValueError(f"virtual_nodes must be >= 1, got {virtual_nodes}")
+        self.virtual_nodes = virtual_nodes
+        self._rng = random.Random(seed)
+        self._rings: OrderedDict[frozenset[str], HashRing] = OrderedDict()
+
+    def choose(self, request: RequestInfo, view: FleetView, now: float) -> Decision:
+        candidates = require_candidates(request, view)
+        if request.session is None:
+            return Decision(_least_loaded(candidates, self._rng).engine_id, "no_session")
+        members = frozenset(e.engine_id for e in view.engines.values() if e.serves(request))
+        routable = {engine.engine_id for engine in candidates}
+        owners = enumerate(self._ring(members).walk(stable_hash(request.session)))
+        # every candidate is a ring member, so the walk always reaches one
+        position, engine_id = next((p, e) for p, e in owners if e in routable)
+        return Decision(engine_id, "session_owner" if position == 0 else "session_failover")
+
+    def _ring(self, members: frozenset[str]) -> HashRing:
+        ring = self._rings.get(members)
+        if ring is None:
+            ring = HashRing(members, "session", self.virtual_nodes)
+            self._rings[members] = ring
+            if len(self._rings) > 32:  # engine sets differ per model and adapter; keep the recent ones
+                self._rings.popitem(last=False)
+        else:
+            self._rings.move_to_end(members)
+        return ring
+
+
+# ---- LoRA affinity -------------------------------------------------------------------------------------
+
+SCORE_RESIDENT = 1.0
+SCORE_FREE_SLOT = 0.8
+SCORE_LOADING = 0.6
+
+
+class AdapterResidency:
+    """Which adapters sit in each engine's GPU slots, as far as the router can tell.
+
+    `EngineView.adapters` lists the adapters an engine can serve (registered, in host memory); only
+    `max_loras` of them are in GPU slots at once, and which ones the view does not say. The router knows
+    what it sent: an adapter with requests in flight on an engine is resident (vLLM pins their slots); one
+    sent there before stays resident until `max_loras` more recent adapters displaced it (slots are
+    reused least recently used first); one whose first request there has not produced a token yet is
+    loading.
+    """
+
+    def __init__(self) -> None:
+        self._recent: dict[str, OrderedDict[str, None]] = {}  # engine -> adapters, most recent last
+        self._loading: dict[tuple[str, str], int] = {}  # (engine, adapter) -> requests waiting on it
+        self._waiting: dict[str, tuple[str, str]] = {}  # request -> its loading key
+
+    def score(self, engine: EngineView, adapter: str | None) -> float:
+        if adapter is None:
+            return SCORE_RESIDENT  # the base model is always there
+        recent = self._recent.get(engine.engine_id)
+        resident = list(recent)[-engine.max_loras :] if recent and engine.max_loras > 0 else []
+        if adapter in resident and not self._loading.get((engine.engine_id, adapter)):
+            return SCORE_RESIDENT
+        if self._loading.get((engine.engine_id, adapter)):
+            return SCORE_LOADING
+        if len(resident) < engine.max_loras:
+            return SCORE_FREE_SLOT
+        return 0.0
+
+    def dispatched(self, request: RequestInfo, engine_id: str) -> None:
+        adapter = request.adapter
+        if adapter is None:
+            return
+        self.first_token(request)  # a retry moves the request
+        recent = self._recent.setdefault(engine_id, OrderedDict())
+        if adapter not in recent:
+            key = (engine_id, adapter)
+            self._loading[key] = self._loading.get(key, 0) + 1
+            self._waiting[request.request_id] = key
+        recent[adapter] = None
+        recent.move_to_end(adapter)
+        while len(recent) > 64:  # far more than any engine's slots; bounds the memory
+            recent.popitem(last=False)
+
+    def first_token(self, request: RequestInfo) -> None:
+        key = self._waiting.pop(request.request_id, None)
+        if key is not None:
+            left = self._loading[key] - 1
+            if left:
+                self._loading[key] = left
+            else:
+                del self._loading[key]
+
+
+class LoraAffinityPolicy(Policy):
+    """The highest LoRA-affinity score (see `AdapterResidency`); ties go to the lowest normalised load."""
+
+    name = "lora_affinity"
+
+    def __init__(self, *, seed: int | None = None) -> None:
+        self.residency = AdapterResidency()
+        self._rng = random.Random(seed)
+
+    def choose(self, request: RequestInfo, view: FleetView, now: float) -> Decision:
+        candidates = require_candidates(request, view)
+        scores = [self.residency.score(engine, request.adapter) for engine in candidates]
+        top = max(scores)
+        best = _least_loaded([e for e, s in zip(candidates, scores, strict=True) if s == top], self._rng)
+        return Decision(best.engine_id, _LORA_REASONS[top])
+
+    def on_dispatch(self, request: RequestInfo, engine_id: str, now: float) -> None:
+        self.residency.dispatched(request, engine_id)
+
+    def on_first_token(self, request: RequestInfo, engine_id: str, now: float) -> None:
+        self.residency.first_token(request)
+
+    def on_finish(self, request: RequestInfo, engine_id: str, now: float) -> None:
+        self.residency.first_token(request)  # a request that failed before its first token
+
+
+_LORA_REASONS = {
+    SCORE_RESIDENT: "adapter_resident",
+    SCORE_FREE_SLOT: "adapter_free_slot",
+    SCORE_LOADING: "adapter_loading",
+    0.0: "adapter_evicting",
+}
+
+
+def _least_loaded(engines: list[EngineView], rng: random.Random) -> EngineView:
+    low = min(engine.normalized_load for engine in engines)
+    tied = [engine for engine in engines if engine.normalized_load == low]
+    return tied[0] if len(tied) == 1 else rng.choice(tied)
