@@ -50,9 +50,9 @@ def prompt_chains(blocks: int, engines: int, rng: random.Random) -> list[tuple[s
 
 
 def build(chains: list[tuple[str, list[int]]], blocks: int) -> PrefixIndex:
-    index = PrefixIndex(max_entries=blocks, max_bytes=2**40)
-    for now, (engine, chain) in enumerate(chains):
-        index.add(chain, engine, float(now))
+    index = PrefixIndex(max_entries=blocks, max_bytes=2**40, ttl_s=1e9)  # nothing expires mid-build
+    for engine, chain in chains:
+        index.add(chain, engine, 0.0)
     return index
 
 

@@ -29,7 +29,7 @@ from fleetserve.model.catalog import Catalog, default_catalog
 from fleetserve.model.cost import CostModel, CostParams
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_CSV = REPO / ".." / "shared" / "data" / "perf" / "measured_a100_80gb.csv"
+DEFAULT_CSV = REPO / "data" / "perf" / "measured_a100_80gb.csv"
 DEFAULT_OUTPUT = REPO / "src" / "fleetserve" / "data" / "calibration.yaml"
 SOURCE = "Mutinifni/splitwise-sim data/perf_model.csv (A100-80GB rows), MIT licence"
 

@@ -12,9 +12,7 @@ from hypothesis import strategies as st
 from fleetserve.model.catalog import default_catalog
 from fleetserve.model.cost import CostModel, CostParams, default_cost_params
 
-MEASUREMENTS = (
-    Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "perf" / "measured_a100_80gb.csv"
-)
+MEASUREMENTS = Path(__file__).resolve().parents[2] / "data" / "perf" / "measured_a100_80gb.csv"
 
 
 def cost(gpu: str, model: str, tp: int = 1) -> CostModel:
@@ -121,7 +119,6 @@ def _measured_points() -> list[tuple[str, int, int, int, int, float, float]]:
     ]
 
 
-@pytest.mark.skipif(not MEASUREMENTS.exists(), reason="measurements CSV not present")
 def test_calibration_error_on_the_measurements() -> None:
     prefill_errors, decode_errors = [], []
     for model, tp, prompt, batch, tokens, prefill_ms, decode_ms in _measured_points():

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import math
 import socket
+import sys
 import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -60,6 +61,10 @@ DEFAULT_RATE_SCALE = 3.0
 REAL_WORKLOAD = "input=uniform:32:128,output=32"
 DEFAULT_REAL_REQUESTS = 8
 DEFAULT_REAL_ENGINES = 2
+# Prompts are built with one word per trace token, which an engine's tokenizer may split further (the
+# emulator's hashing tokenizer makes about 1.3 tokens of a word): a prompt is kept if this many times its
+# length still fits the context.
+TOKENIZER_SLACK = 1.5
 # The gateway probes a starting engine every 0.1 s; this only bounds a fleet that never gets ready.
 ROUTABLE_TIMEOUT_S = 60.0
 TICK_S = 0.25
@@ -150,6 +155,8 @@ def demo(
             f"pick a free one with --port, e.g. fleetserve demo --port {port + 1}"
         )
     console = Console(highlight=False)
+    if not console.is_terminal:  # a pipe or a file: 80 columns would wrap the per-engine table
+        console = Console(highlight=False, width=max(console.width, 120))
     model = config.engines[0].model
     url = f"http://{host}:{port}"
     with tempfile.TemporaryDirectory(prefix="fleetserve-demo-") as tmp:
@@ -191,6 +198,7 @@ def demo(
             console.print("stopped")
             return
     if result.summary.failed:
+        sys.stdout.flush()
         raise click.ClickException(f"{result.summary.failed} request(s) failed: {result.summary.failures}")
 
 
@@ -251,17 +259,17 @@ def free_port_block(host: str, count: int, avoid: int) -> int:
 def write_demo_trace(
     path: Path, model: str, *, rate_scale: float, duration: float | None, limit: int | None
 ) -> int:
-    """Writes the requests of the packaged trace the demo will send and returns how many: those that fit
-    the model's context (longer ones would only come back as 400s), cut to `duration` seconds of the
-    sped-up replay and to `limit` requests."""
+    """Writes the requests of the packaged trace the demo will send and returns how many: the first
+    `duration` seconds of the sped-up replay, at most `limit` requests, leaving out prompts that may not
+    fit the model's context (they would only come back as 400s)."""
     with resources.as_file(resources.files("fleetserve").joinpath("data", "demo_trace.jsonl")) as packaged:
         requests = sorted(read_trace(packaged), key=lambda request: request.timestamp_ms)
-    context = max_context(model)
-    if context is not None:
-        requests = [r for r in requests if r.input_length + r.output_length <= context]
     if requests and duration is not None:
         first = requests[0].timestamp_ms
         requests = [r for r in requests if (r.timestamp_ms - first) / 1000.0 / rate_scale < duration]
+    context = max_context(model)
+    if context is not None:
+        requests = [r for r in requests if r.input_length * TOKENIZER_SLACK + r.output_length <= context]
     requests = requests[:limit]
     if not requests:
         raise click.UsageError("no request of the demo trace is left to send; raise --duration or --requests")

@@ -99,7 +99,8 @@ class EngineHealth:
 
 class HealthChecker:
     """Probes every engine each `interval_s`: GET /health, then GET /v1/models, which also tells which
-    models and LoRA adapters the engine serves. Both must answer 200 for the probe to pass."""
+    models and LoRA adapters the engine serves. Both must answer 200 for the probe to pass, except that a
+    404 from /health (a server that has none, such as llama-cpp-python's) leaves the verdict to /v1/models."""
 
     def __init__(
         self,
@@ -148,7 +149,8 @@ class HealthChecker:
     async def _fetch(self, engine: EngineState) -> tuple[ModelEntry, ...] | None:
         try:
             async with self._session.get(engine.url + "/health", timeout=self._timeout) as response:
-                if response.status != 200:
+                # 404: a server without a health endpoint (llama-cpp-python's); /v1/models alone decides
+                if response.status not in (200, 404):
                     return None
                 await response.read()
             async with self._session.get(engine.url + "/v1/models", timeout=self._timeout) as response:
