@@ -172,7 +172,12 @@ def main() -> None:
     ]
     chunks_per_s = statistics.median(r.chunks / r.seconds for r, _ in saturation)
     saturation_cpu = statistics.median(cpu for _, cpu in saturation)
-    print(f"saturation: {chunks_per_s:,.0f} SSE chunks/s on one core (emulator CPU {saturation_cpu:.0%})")
+    # the load generator may saturate first: chunks per emulator CPU-second is the core's capacity
+    per_core = statistics.median(r.chunks / r.seconds / cpu for r, cpu in saturation)
+    print(
+        f"saturation: {chunks_per_s:,.0f} SSE chunks/s delivered at emulator CPU {saturation_cpu:.0%}: "
+        f"{per_core:,.0f} chunks per emulator CPU-second"
+    )
 
     base = _free_port_run(args.demo_engines)
     with tempfile.TemporaryDirectory() as tmp:
@@ -192,17 +197,20 @@ def main() -> None:
         ]
     demo_chunks = statistics.median(r.chunks / r.seconds for r, _ in demo)
     demo_cpu = statistics.median(cpu for _, cpu in demo)
+    demo_per_core = statistics.median(r.chunks / r.seconds / cpu for r, cpu in demo)
     print(
         f"demo load: {args.demo_engines} engines, {args.demo_streams_per_engine} streams each: "
-        f"{demo_chunks:,.0f} chunks/s, emulator CPU {demo_cpu:.0%} of one core"
+        f"{demo_chunks:,.0f} chunks/s, emulator CPU {demo_cpu:.0%} of one core "
+        f"({demo_per_core:,.0f} chunks per CPU-second)"
     )
     if not args.no_append:
-        _append(args, chunks_per_s, saturation_cpu, demo_chunks, demo_cpu)
+        _append(args, (chunks_per_s, saturation_cpu, per_core), (demo_chunks, demo_cpu, demo_per_core))
 
 
 def _append(
-    args: argparse.Namespace, chunks_per_s: float, saturation_cpu: float, demo_chunks: float, demo_cpu: float
+    args: argparse.Namespace, saturation: tuple[float, float, float], demo: tuple[float, float, float]
 ) -> None:
+    """Each figure is (chunks/s delivered, emulator share of one core, chunks per emulator CPU-second)."""
     cpu_model = next(
         (
             line.split(":", 1)[1].strip()
@@ -215,12 +223,12 @@ def _append(
     command = "python benchmarks/emulator_sse.py " + " ".join(sys.argv[1:])
     saturation_row = (
         f"| saturation: 1 engine, {args.saturation_streams} concurrent streams, time scale 0.01 "
-        f"| {chunks_per_s:,.0f} SSE chunks/s (emulator CPU {saturation_cpu:.0%}) |"
+        f"| {saturation[0]:,.0f} | {saturation[1]:.0%} | {saturation[2]:,.0f} |"
     )
     demo_row = (
         f"| demo load: {args.demo_engines} engines in one process (half H100, half L4), "
         f"{args.demo_streams_per_engine} streams each, time scale 1 "
-        f"| {demo_chunks:,.0f} chunks/s, emulator CPU {demo_cpu:.0%} of one core |"
+        f"| {demo[0]:,.0f} | {demo[1]:.0%} | {demo[2]:,.0f} |"
     )
     section = f"""
 ## Emulated engine: SSE throughput on one core
@@ -230,10 +238,11 @@ def _append(
 - command: `{command.strip()}`
 - emulator pinned to CPU {EMULATOR_CPU}; load generator (aiohttp, separate process) pinned to CPU {CLIENT_CPU}
 - at saturation the event loop runs late, so several due tokens of a stream leave in one write (still one
-  SSE event per token); at demo load every token is its own write
+  SSE event per token); at demo load every token is its own write. When the load generator saturates
+  its core first, chunks per emulator CPU-second is the emulator's capacity per core
 
-| measurement | figure |
-|---|---|
+| measurement | SSE chunks/s delivered | emulator CPU (one core = 100%) | chunks per emulator CPU-second |
+|---|---|---|---|
 {saturation_row}
 {demo_row}
 """

@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import astuple, dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -48,9 +48,11 @@ import yaml
 from fleetserve import __version__ as fleetserve_version
 from fleetserve.bench import SLO, BenchConfig, Summary, run_bench
 from fleetserve.bench.client import RequestRecord
-from fleetserve.bench.metrics import summarize
+from fleetserve.bench.metrics import Distribution, summarize
 from fleetserve.model.catalog import default_catalog
+from fleetserve.protocol.tokenizer import load_tokenizer
 from fleetserve.routing.registry import POLICIES
+from fleetserve.workload.prompts import prompt_text
 from fleetserve.workload.readers import read_trace
 from peers import LITELLM, SGLANG_ROUTER, VLLM_ROUTER, PeerInstall
 from peers.fleetserve_gateway import FLEETSERVE, fleetserve_gateway, fleetserve_ready
@@ -87,17 +89,37 @@ class OverheadSettings:
 
 @dataclass(frozen=True)
 class QualitySettings:
+    """Engines run `time_scale` times model time (0.5: twice as fast) and the trace is replayed that much
+    faster, so a window holds more requests per wall second; SLO, latencies and rates are stated in model
+    time, as if the engines ran at real speed."""
+
     fleet: tuple[tuple[str, int], ...]
     model: str
     time_scale: float
     stream_interval: int
-    slo: SLO  # in the engines' wall time (model time x time_scale)
-    reference_scale: float
-    window_s: float  # how long requests are sent; in-flight ones may take up to `drain_cap_s` more
-    drain_cap_s: float
+    slo: SLO  # model time
+    reference_scale: float  # x1 = the trace's own request rate
+    window_s: float  # wall seconds of sending; then requests in flight finish (see `request_timeout_s`)
     max_probes: int  # capacity probes after the reference window
     min_scale: float
     max_scale: float
+    trace_requests: int  # the first N requests of the trace that fit the model's context
+    # Answers longer than this are cut to it: a window lasts until its longest answer is done, and on an
+    # L4 a 1,000-token answer takes 50 s of model time. Prompts (the routing-relevant part) are kept.
+    max_output_tokens: int
+
+    def request_timeout_s(self, max_output_tokens: int) -> float:
+        """Long enough for the longest answer to finish while meeting the SLO, so a timeout is a miss."""
+        slo = self.wall_slo
+        return self.window_s + ((slo.ttft_ms or 0.0) + (slo.tpot_ms or 0.0) * max_output_tokens) / 1000.0
+
+    @property
+    def wall_slo(self) -> SLO:
+        scale = self.time_scale
+        return SLO(
+            None if self.slo.ttft_ms is None else self.slo.ttft_ms * scale,
+            None if self.slo.tpot_ms is None else self.slo.tpot_ms * scale,
+        )
 
 
 HETEROGENEOUS = (("h100-80g", 2), ("a100-80g", 2), ("l4", 4))
@@ -109,30 +131,33 @@ FULL = (
         time_scale=1e-6,
         workload="input=128,output=4",
         fixed_rate=100.0,
-        warmup_s=1.0,
-        window_s=3.0,
-        max_probes=6,
+        warmup_s=0.5,
+        window_s=2.0,
+        max_probes=2,
         min_rate=10.0,
         max_rate=3200.0,
     ),
     QualitySettings(
         fleet=HETEROGENEOUS,
         model="qwen2.5-7b",
-        time_scale=1.0,
+        time_scale=0.5,
         stream_interval=4,
         slo=SLO(ttft_ms=5000.0, tpot_ms=100.0),
         reference_scale=1.0,
-        window_s=15.0,
-        drain_cap_s=20.0,
-        max_probes=3,
-        min_scale=0.1,
-        max_scale=16.0,
+        window_s=6.0,
+        max_probes=2,
+        min_scale=0.05,
+        max_scale=8.0,
+        trace_requests=400,
+        max_output_tokens=300,
     ),
 )
 QUICK = (
-    replace(FULL[0], window_s=1.5, max_probes=3),
-    replace(FULL[1], window_s=6.0, drain_cap_s=10.0, max_probes=1),
+    replace(FULL[0], window_s=1.0, max_probes=1),
+    replace(FULL[1], window_s=4.0, max_probes=0),
 )
+# The quick run keeps two of fleetserve's policies (load-only and cache-aware) next to every peer.
+QUICK_POLICIES = ("least_request", "prefix_aware")
 
 
 # -- the emulated fleet -------------------------------------------------------------------------------
@@ -211,7 +236,7 @@ async def _engine_load(session: aiohttp.ClientSession, url: str) -> float:
     return load
 
 
-async def quiesce(fleet: Fleet, timeout_s: float = 60.0) -> bool:
+async def quiesce(fleet: Fleet, timeout_s: float = 90.0) -> bool:
     """Wait until no engine runs or queues a request, then empty every prefix cache (vLLM's
     /reset_prefix_cache), so the next router starts on cold, idle engines. False if either failed."""
     deadline = time.monotonic() + timeout_s
@@ -254,7 +279,7 @@ def _peer(
     return Contender(name, install.distribution, version, launch, ready, missing)
 
 
-def contenders() -> list[Contender]:
+def contenders(policies: Sequence[str] | None = None) -> list[Contender]:
     out = [
         Contender(
             f"fleetserve {policy}",
@@ -264,6 +289,7 @@ def contenders() -> list[Contender]:
             lambda fleet: fleetserve_ready(fleet.model, len(fleet.urls)),
         )
         for policy in sorted(POLICIES)
+        if policies is None or policy in policies
     ]
     for policy in ("cache_aware", "round_robin"):
         out.append(
@@ -457,8 +483,8 @@ async def overhead(
 class QualityWindow:
     scale: float
     rate: float  # offered requests per second
-    summary: Summary
-    attainment: float  # share of the requests sent that met the SLO (failures miss it)
+    summary: Summary | None  # None when the window was cut short
+    attainment: float  # share of the requests due in the window that met the SLO
     cut_short: bool
 
 
@@ -477,38 +503,73 @@ class QualityResult:
 
 
 class _SLOTally:
-    """Counts SLO misses while a window runs, so a window that can no longer reach the target is cut."""
+    """Counts SLO hits and misses while a window runs; sets `decided` once the window can no longer reach
+    the target, so it can be cut short."""
 
-    def __init__(self, slo: SLO, expected: int, stop: asyncio.Event) -> None:
-        self.slo, self.stop = slo, stop
+    def __init__(self, slo: SLO, expected: int) -> None:
+        self.slo = slo
+        self.decided = asyncio.Event()
         self.allowed_misses = math.floor((1.0 - SLO_TARGET) * expected)
-        self.misses = 0
+        self.met = self.misses = 0
 
     def request_sent(self) -> None:
         pass
 
     def request_done(self, record: RequestRecord) -> None:
-        if not self.slo.met_by(record):
-            self.misses += 1
-            if self.misses > self.allowed_misses:
-                self.stop.set()
+        if self.slo.met_by(record):
+            self.met += 1
+            return
+        self.misses += 1
+        if self.misses > self.allowed_misses:
+            self.decided.set()
 
 
-def prepare_trace(source: Path, model: str, path: Path) -> tuple[Path, float]:
-    """The trace without requests the model cannot take (prompt + output beyond its context), written to
-    `path`; returns it and its mean request rate (req/s)."""
-    max_context = default_catalog().model(model).max_context
-    requests = [r for r in read_trace(source) if r.input_length + r.output_length <= max_context]
+def in_model_time(summary: Summary, time_scale: float) -> Summary:
+    """The summary's latencies as they would be on engines running at real speed."""
+
+    def scaled(distribution: Distribution) -> Distribution:
+        return Distribution(
+            distribution.count,
+            *(None if value is None else value / time_scale for value in astuple(distribution)[1:]),
+        )
+
+    return replace(
+        summary,
+        ttft_ms=scaled(summary.ttft_ms),
+        tpot_ms=scaled(summary.tpot_ms),
+        itl_ms=scaled(summary.itl_ms),
+        e2e_ms=scaled(summary.e2e_ms),
+    )
+
+
+def prepare_trace(
+    source: Path, model: str, count: int, max_output_tokens: int, path: Path
+) -> tuple[Path, float]:
+    """The first `count` requests of the trace that the model can take, answers cut to
+    `max_output_tokens`, written to `path`; returns it and their mean request rate (req/s). A request
+    fits when its prompt, as the emulated engine counts the text the load generator builds for it, plus
+    its output stays within the model's context (the engine's tokenizer counts that text longer than the
+    trace's input_length)."""
+    spec = default_catalog().model(model)
+    tokenizer = load_tokenizer(spec.vocab_size, None)
+    kept = []
+    for request in read_trace(source):
+        request.output_length = min(request.output_length, max_output_tokens)
+        prompt = prompt_text(request, index=len(kept), seed=0)
+        if len(tokenizer.encode(prompt)) + request.output_length <= spec.max_context:
+            kept.append(request)
+            if len(kept) == count:
+                break
     with path.open("wb") as out:
-        for request in requests:
+        for request in kept:
             out.write(orjson.dumps(request.to_json_dict()) + b"\n")
-    span_s = (requests[-1].timestamp_ms - requests[0].timestamp_ms) / 1000.0
-    return path, len(requests) / span_s
+    span_s = (kept[-1].timestamp_ms - kept[0].timestamp_ms) / 1000.0
+    return path, len(kept) / span_s
 
 
-def expected_requests(trace: Path, scale: float, window_s: float) -> int:
+def expected_requests(trace: Path, replay_speed: float, window_s: float) -> int:
     stamps = sorted(r.timestamp_ms for r in read_trace(trace))
-    return sum(1 for stamp in stamps if (stamp - stamps[0]) / 1000.0 / scale < window_s)
+    return sum(1 for stamp in stamps if (stamp - stamps[0]) / 1000.0 / replay_speed < window_s)
 
 
 async def quality(
@@ -522,36 +583,53 @@ async def quality(
     result = QualityResult(contender.name)
 
     async def probe(scale: float) -> Verdict:
+        """One window at `scale`. The reference window always runs to the end (its percentiles are
+        reported); a capacity probe is cancelled as soon as it cannot reach the target any more."""
+        reference = not result.windows
         label = f"quality {contender.name} x{scale:.3g}"
-        expected = expected_requests(trace, scale, settings.window_s)
-        stop = asyncio.Event()
-        tally = _SLOTally(settings.slo, expected, stop)
+        replay_speed = scale / settings.time_scale
+        slo = settings.wall_slo
+        expected = expected_requests(trace, replay_speed, settings.window_s)
+        tally = _SLOTally(slo, expected)
         config = BenchConfig(
             url=url,
             model=fleet.model,
             trace=trace,
-            rate_scale=scale,
+            rate_scale=replay_speed,
             duration_s=settings.window_s,
-            slo=settings.slo,
-            timeout_s=settings.window_s + settings.drain_cap_s,
+            slo=slo,
+            timeout_s=settings.request_timeout_s(max_output),
             label=label,
         )
-        bench = await run_bench(config, observer=tally, stop=stop)
+        bench_task = asyncio.create_task(run_bench(config, observer=tally))
+        if not reference:
+            decided = asyncio.create_task(tally.decided.wait())
+            await asyncio.wait({bench_task, decided}, return_when=asyncio.FIRST_COMPLETED)
+            decided.cancel()
+            if not bench_task.done():
+                bench_task.cancel()  # closing the connections makes routers and engines abort too
+                with contextlib.suppress(asyncio.CancelledError):
+                    await bench_task
+                print(f"  x{scale:.3g} ({scale * base_rate:.2f} req/s): below {SLO_TARGET:.0%}, cut short")
+                result.windows.append(QualityWindow(scale, scale * base_rate, None, 0.0, True))
+                await quiesce(fleet)
+                return Verdict.FAIL
+        bench = await bench_task
         bench.write_json(workdir / f"{_slug(label)}.json")
-        met = sum(1 for record in bench.records if settings.slo.met_by(record))
-        # A window cut short counts the requests it never sent as misses.
-        attainment = met / max(expected, len(bench.records), 1)
-        measured = QualityWindow(scale, scale * base_rate, bench.summary, attainment, bench.interrupted)
-        result.windows.append(measured)
+        # Requests due in the window but never sent or never finished count as misses.
+        attainment = tally.met / max(expected, len(bench.records), 1)
+        summary = in_model_time(bench.summary, settings.time_scale)
+        result.windows.append(QualityWindow(scale, scale * base_rate, summary, attainment, False))
         print(
             f"  x{scale:.3g} ({scale * base_rate:.2f} req/s): SLO {attainment:.0%} of {expected}, "
-            f"TTFT p50 {_ms(bench.summary.ttft_ms.median)} p99 {_ms(bench.summary.ttft_ms.p99)} ms, "
-            f"TPOT p50 {_ms(bench.summary.tpot_ms.median)} ms{' (cut short)' if bench.interrupted else ''}",
+            f"TTFT p50 {_ms(summary.ttft_ms.median)} p99 {_ms(summary.ttft_ms.p99)} ms, "
+            f"TPOT p50 {_ms(summary.tpot_ms.median)} ms, failed {summary.failed}",
             flush=True,
         )
         await quiesce(fleet)
         return Verdict.PASS if attainment >= SLO_TARGET else Verdict.FAIL
 
+    max_output = max(request.output_length for request in read_trace(trace))
     port = free_ports(1)[0]
     spec = contender.launch(fleet, port, workdir)
     url = spec.url
@@ -625,11 +703,11 @@ def comparison(metric: str, values: dict[str, float | None], higher_is_better: b
     theirs = best_of({n: v for n, v in values.items() if not n.startswith("fleetserve")}, higher_is_better)
     if ours is None or theirs is None:
         return f"- {metric}: not comparable (a side has no figure)."
-    if theirs[1] == 0 or ours[1] == 0:
-        ratio_text = "n/a"
+    if theirs[1] <= 0 or ours[1] <= 0:
+        # An added latency at or below zero is within the noise of the direct baseline: no ratio.
+        ratio_text = "n/a (a value <= 0 is within noise)"
     else:
-        ratio = ours[1] / theirs[1]
-        ratio_text = f"{ratio:.2f}x"
+        ratio_text = f"{ours[1] / theirs[1]:.2f}x"
     better = ours[1] > theirs[1] if higher_is_better else ours[1] < theirs[1]
     tie = ours[1] == theirs[1]
     outcome = "tie" if tie else ("fleetserve wins" if better else "fleetserve LOSES")
@@ -695,6 +773,14 @@ def report(
         lines += ["", "Fleetserve against the best peer:", ""]
         lines.append(
             comparison(
+                f"added p50 at {over.fixed_rate:g} req/s",
+                {r.contender: r.fixed.added_p50 if r.fixed else None for r in overhead_results},
+                higher_is_better=False,
+                unit="ms",
+            )
+        )
+        lines.append(
+            comparison(
                 f"added p99 at {over.fixed_rate:g} req/s",
                 {r.contender: r.fixed.added_p99 if r.fixed else None for r in overhead_results},
                 higher_is_better=False,
@@ -713,17 +799,22 @@ def report(
     if quality_results:
         slo = qual.slo
         lines += [
-            f"### Quality (Mooncake conversation trace on {fleet_text}, {qual.model}, "
-            f"time scale {qual.time_scale:g})",
+            f"### Quality (Mooncake conversation trace on {fleet_text}, {qual.model})",
             "",
-            f"Trace: {MOONCAKE.name} (kvcache-ai/Mooncake, Apache-2.0) without the requests longer than the "
-            f"model's context, replayed by its timestamps for {qual.window_s:g} s per window (base rate "
-            f"{base_rate:.2f} req/s; x2 = twice as fast), streaming completions with the trace's "
-            f"input/output lengths and shared prefixes. SLO: TTFT <= {slo.ttft_ms:g} ms and TPOT <= "
-            f"{slo.tpot_ms:g} ms; attainment = share of sent requests meeting both (failures miss). "
-            f"Percentiles in ms at the reference scale x{qual.reference_scale:g}. Capacity: highest rate "
-            f"scale with attainment >= {SLO_TARGET:.0%} (log bisection, {qual.max_probes} probes after the "
-            f"reference; windows that can no longer reach {SLO_TARGET:.0%} are cut short).",
+            f"Trace: the first {qual.trace_requests} requests of {MOONCAKE.name} (kvcache-ai/Mooncake, "
+            f"Apache-2.0) that fit the model's context, answers cut to {qual.max_output_tokens} tokens, "
+            f"replayed by their timestamps (base rate "
+            f"{base_rate:.2f} req/s = x1; x2 = twice as fast), streaming completions with the trace's "
+            f"input/output lengths and shared prefixes, {qual.window_s:g} s of sending per window. To fit "
+            f"this machine the engines run at time scale {qual.time_scale:g} (every model duration x "
+            f"{qual.time_scale:g}) and the trace is replayed that much faster; SLO, latencies and rates "
+            f"below are in model time (wall / {qual.time_scale:g}), i.e. as on real-speed engines. "
+            f"SLO: TTFT <= {slo.ttft_ms:g} ms and TPOT <= {slo.tpot_ms:g} ms; attainment = share of "
+            f"the requests due in the window that met both (failures and unsent requests miss). "
+            f"Percentiles (ms) at the reference scale x{qual.reference_scale:g}. Capacity: highest rate "
+            f"with attainment >= {SLO_TARGET:.0%} (log bisection on the rate scale, {qual.max_probes} "
+            f"probes after the reference; a window that can no longer reach {SLO_TARGET:.0%} is cut "
+            f"short).",
             "",
             "| router | TTFT p50 | TTFT p90 | TTFT p99 | TPOT p50 | TPOT p90 | TPOT p99 | SLO attainment "
             "| capacity @ 90% SLO (req/s) | probes (scale: verdict) |",
@@ -736,6 +827,7 @@ def report(
                 )
                 continue
             summary = result.reference.summary
+            assert summary is not None  # the reference window always runs to the end
             capacity = result.capacity(base_rate)
             capacity_text = _rate_cell(
                 None
@@ -768,7 +860,7 @@ def report(
         lines.append(
             comparison(
                 "TTFT p99",
-                {n: w.summary.ttft_ms.p99 if w else None for n, w in reference.items()},
+                {n: w.summary.ttft_ms.p99 if w and w.summary else None for n, w in reference.items()},
                 higher_is_better=False,
                 unit="ms",
             )
@@ -776,7 +868,7 @@ def report(
         lines.append(
             comparison(
                 "TPOT p99",
-                {n: w.summary.tpot_ms.p99 if w else None for n, w in reference.items()},
+                {n: w.summary.tpot_ms.p99 if w and w.summary else None for n, w in reference.items()},
                 higher_is_better=False,
                 unit="ms",
             )
@@ -813,7 +905,7 @@ async def main(args: argparse.Namespace) -> None:
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     workdir = ROOT / "out" / "routers" / stamp
     workdir.mkdir(parents=True, exist_ok=True)
-    all_contenders = contenders()
+    all_contenders = contenders(QUICK_POLICIES if args.quick else None)
     chosen = select(all_contenders, args.only)
     runnable = [c for c in chosen if c.missing is None]
     for contender in chosen:
@@ -832,11 +924,28 @@ async def main(args: argparse.Namespace) -> None:
     quality_results: list[QualityResult] = []
     base_rate = 0.0
     if not args.skip_quality:
-        trace, base_rate = prepare_trace(MOONCAKE, qual.model, workdir / "mooncake-fitting.jsonl")
+        trace, base_rate = prepare_trace(
+            MOONCAKE,
+            qual.model,
+            qual.trace_requests,
+            qual.max_output_tokens,
+            workdir / "mooncake-fitting.jsonl",
+        )
         fleet = write_fleet(workdir / "fleet-quality.yaml", qual.fleet, qual.model, qual.time_scale, qual.slo)
         emulator = emulator_spec(fleet, qual.stream_interval)
-        async with serving(emulator, workdir / "emulator-quality.log", fleet_ready(fleet)):
-            for contender in runnable:
+        log, ready = workdir / "emulator-quality.log", fleet_ready(fleet)
+        remaining = list(runnable)
+        async with serving(emulator, log, ready):
+            resettable = await quiesce(fleet)
+            while resettable and remaining:
+                contender = remaining.pop(0)
+                print(f"quality: {contender.name}", flush=True)
+                quality_results.append(await quality(contender, fleet, qual, trace, base_rate, workdir))
+        if remaining:
+            # Without /reset_prefix_cache a router would inherit the previous one's warm caches.
+            print("engines cannot reset their prefix caches: a fresh fleet for each router", flush=True)
+        for contender in remaining:
+            async with serving(emulator, log, ready):
                 print(f"quality: {contender.name}", flush=True)
                 quality_results.append(await quality(contender, fleet, qual, trace, base_rate, workdir))
 

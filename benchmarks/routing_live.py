@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime
 import os
 import platform
@@ -37,11 +38,15 @@ import yaml
 from fleetserve.bench.metrics import SLO
 from fleetserve.bench.runner import BenchConfig, BenchResult, run_bench
 from fleetserve.routing import POLICIES
+from fleetserve.workload.readers import read_trace
+from fleetserve.workload.trace import TraceRequest, write_jsonl
+from fleetserve.workload.transform import scale_lengths
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACE = Path("/work/shared/data/traces/mooncake_conversation.jsonl")
 FLEETSERVE = Path(sys.executable).with_name("fleetserve")
-MODEL = "llama-3-8b"
+# Mistral-7B: Llama-3-8B's shape (32 layers, 8 KV heads) with the 32k context the trace needs
+MODEL = "mistral-7b"
 FLEET = (("h100", "h100-80g", 4), ("a100", "a100-80g", 4), ("l4", "l4", 8))
 # the cache-aware policies first, so a short run still shows the headline comparison
 ORDER = ("round_robin", "prefix_aware", "kv_cost", "dualmap", "scored", "slo_aware", "session")
@@ -128,7 +133,10 @@ def run_policy(policy: str, args: argparse.Namespace, trace: Path, work: Path) -
         )
     )
     engines = spawn(
-        [str(FLEETSERVE), "engine", "emulate", "--fleet", str(engines_file), "--stream-interval", "8"],
+        [
+            *(str(FLEETSERVE), "engine", "emulate", "--fleet", str(engines_file)),
+            *("--stream-interval", "8"),
+        ],
         work / f"engines-{policy}.log",
     )
     gateway = None
@@ -140,9 +148,11 @@ def run_policy(policy: str, args: argparse.Namespace, trace: Path, work: Path) -
         )
         gateway_url = f"http://127.0.0.1:{gateway_port}"
         wait_for(
-            lambda: answers(gateway_url + "/ready")
-            and metric_sum(gateway_url, "fleetserve_engine_routable") == len(urls),
-            60,
+            lambda: (
+                answers(gateway_url + "/ready")
+                and metric_sum(gateway_url, "fleetserve_engine_routable") == len(urls)
+            ),
+            120,
             "gateway",
         )
         before = prefix_counters(urls)
@@ -166,10 +176,31 @@ def run_policy(policy: str, args: argparse.Namespace, trace: Path, work: Path) -
     return result, (after[0] - before[0]) / queries if queries else 0.0
 
 
-def trace_slice(requests: int, work: Path) -> Path:
-    lines = TRACE.read_text().splitlines()[:requests]
+def conversation_key(request: TraceRequest) -> int:
+    """Every request of the trace starts with block 0 (a shared system prompt); its second block is the
+    conversation's own first block, so later turns of one conversation share it."""
+    hash_ids = request.hash_ids or ()
+    return hash_ids[1] if len(hash_ids) > 1 else 0
+
+
+def trace_slice(window_s: float, every: int, length_scale: float, work: Path) -> Path:
+    """The conversations of the trace's first `window_s` seconds whose key is a multiple of `every`
+    (whole conversations, so a thinned trace keeps its turns), prompts scaled by `length_scale` (hash
+    blocks scale with them, so the prefix sharing is unchanged), outputs as recorded."""
+    original = [
+        request
+        for request in read_trace(TRACE)
+        if request.timestamp_ms < window_s * 1000 and conversation_key(request) % every == 0
+    ]
+    scaled = scale_lengths(original, length_scale)
     path = work / "trace.jsonl"
-    path.write_text("\n".join(lines) + "\n")
+    write_jsonl(
+        (
+            dataclasses.replace(s, output_length=o.output_length)
+            for s, o in zip(scaled, original, strict=True)
+        ),
+        path,
+    )
     return path
 
 
@@ -187,8 +218,12 @@ def cpu_model() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--policies", default=",".join([*ORDER, *sorted(set(POLICIES) - set(ORDER))]))
-    parser.add_argument("--requests", type=int, default=200, help="first N requests of the trace")
-    parser.add_argument("--rate-scale", type=float, default=2.0, help="speed the trace's arrivals up")
+    parser.add_argument("--window-s", type=float, default=900.0, help="the trace's first seconds")
+    parser.add_argument("--conversation-every", type=int, default=6, help="keep 1 conversation in N")
+    parser.add_argument("--rate-scale", type=float, default=30.0, help="speed the trace's arrivals up")
+    parser.add_argument(
+        "--length-scale", type=float, default=0.125, help="scale prompt lengths (hash blocks stay whole)"
+    )
     parser.add_argument("--time-scale", type=float, default=1.0, help="stretch engine durations")
     parser.add_argument("--ttft-slo-ms", type=float, default=2000.0)
     parser.add_argument("--tpot-slo-ms", type=float, default=100.0)
@@ -202,37 +237,52 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="routing_live_") as tmp:
         work = Path(tmp)
-        trace = trace_slice(args.requests, work)
+        trace = trace_slice(args.window_s, args.conversation_every, args.length_scale, work)
+        requests = sum(1 for _ in trace.open())
         for policy in policies:
             started = time.monotonic()
             result, hit_rate = run_policy(policy, args, trace, work)
             s = result.summary
             attainment = s.goodput * s.duration_s / s.sent if s.goodput is not None and s.sent else None
-            row = (
-                f"| {policy} | {s.completed}/{s.sent} | {fmt(s.ttft_ms.median)} | {fmt(s.ttft_ms.p99)} "
-                f"| {fmt(s.tpot_ms.median, 1)} | {fmt(s.tpot_ms.p99, 1)} | {fmt(100 * (attainment or 0), 1)}% "
-                f"| {100 * hit_rate:.1f}% |"
-            )
+            cells = [
+                policy,
+                f"{s.completed}/{s.sent}",
+                fmt(s.ttft_ms.median),
+                fmt(s.ttft_ms.p99),
+                fmt(s.tpot_ms.median, 1),
+                fmt(s.tpot_ms.p99, 1),
+                f"{100 * (attainment or 0):.1f}%",
+                f"{100 * hit_rate:.1f}%",
+            ]
+            row = "| " + " | ".join(cells) + " |"
             rows.append(row)
-            print(row, f"({time.monotonic() - started:.0f} s)", flush=True)
+            print(row, f"({time.monotonic() - started:.0f} s, failures {s.failures})", flush=True)
 
     fleet = ", ".join(f"{n} x {gpu}" for _, gpu, n in FLEET)
-    command = "python benchmarks/routing_live.py " + " ".join(sys.argv[1:])
+    command = " ".join(["python benchmarks/routing_live.py", *sys.argv[1:]])
+    now = datetime.datetime.now(datetime.UTC)
+    header = (
+        "| policy | completed | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | SLO attainment | prefix hits |"
+    )
     section = "\n".join(
         [
-            f"## Routing policies live on the Mooncake conversation trace ({datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC)",
+            f"## Routing policies live on the Mooncake conversation trace ({now:%Y-%m-%d %H:%M} UTC)",
             "",
-            f"- machine: {os.cpu_count()} cores ({cpu_model()}), Python {platform.python_version()}, shared with other jobs",
-            f"- command: `{command.strip()}`",
-            f"- fleet: {fleet} emulated engines serving {MODEL} (time_scale {args.time_scale}, 8 tokens per "
-            "stream chunk), a fresh fleet (cold caches) per policy, the gateway's default settings",
-            f"- workload: the first {args.requests} requests of the Mooncake conversation trace "
-            f"(kvcache-ai/Mooncake FAST25-release, Apache-2.0), arrivals sped up {args.rate_scale}x, streaming "
-            "completions; shared hash_ids become shared prompt text",
-            f"- SLO: TTFT <= {args.ttft_slo_ms:.0f} ms and TPOT <= {args.tpot_slo_ms:.0f} ms; prefix hit rate = "
-            "engines' vllm:prefix_cache_hits_total / queries_total over the run; latencies in ms",
+            f"- machine: {os.cpu_count()} cores ({cpu_model()}), Python {platform.python_version()}, "
+            "shared with other jobs",
+            f"- command: `{command}`",
+            f"- fleet: {fleet} emulated engines serving {MODEL} (time_scale {args.time_scale}, 8 tokens "
+            "per stream chunk), a fresh fleet (cold caches) per "
+            "policy, the gateway's default settings",
+            f"- workload: Mooncake conversation trace (kvcache-ai/Mooncake FAST25-release, Apache-2.0), "
+            f"its first {args.window_s:.0f} s, every {args.conversation_every}th conversation "
+            f"({requests} requests), prompt lengths scaled by "
+            f"{args.length_scale} (hash blocks too, so the prefix sharing is the trace's), outputs as "
+            f"recorded, arrivals sped up {args.rate_scale}x, streaming completions",
+            f"- SLO: TTFT <= {args.ttft_slo_ms:.0f} ms and TPOT <= {args.tpot_slo_ms:.0f} ms; prefix hits = "
+            "the engines' vllm:prefix_cache_hits_total / queries_total over the run; latencies in ms",
             "",
-            "| policy | completed | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | SLO attainment | prefix hit rate |",
+            header,
             "|---|---|---|---|---|---|---|---|",
             *rows,
             "",

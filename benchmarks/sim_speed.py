@@ -135,8 +135,7 @@ PARTS = {
     ("model/engine.py", "advance"): "engine model: advance",
     ("model/engine.py", "add_request"): "engine model: add_request",
     ("routing/simple.py", "choose"): "routing policy: choose",
-    ("workload/prompts.py", "prompt_token_ids"): "prompt tokens (workload)",
-    ("~", "<method 'tolist' of 'numpy.ndarray' objects>"): "prompt tokens (workload)",
+    ("sim/prompts.py", "tokens"): "prompt tokens (workload)",
 }
 
 

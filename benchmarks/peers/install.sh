@@ -13,19 +13,25 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 peers_dir="$(dirname "$here")/.peers"
 python="${PYTHON:-python3}"
 
+# make_venv VENV DISTRIBUTION VERSION [EXTRAS]
 make_venv() {
-  local name="$1"
-  shift
-  local venv="$peers_dir/$name"
+  local venv="$peers_dir/$1" distribution="$2" version="$3" extras="${4:-}"
   if [[ ! -x "$venv/bin/python" ]]; then
     "$python" -m venv "$venv"
   fi
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true
-  "$venv/bin/pip" show --quiet "${1%%[=[]*}" >/dev/null
-  echo "installed $* into $venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "$distribution$extras==$version"
+  # pip's exit status alone would not catch an older version left in the venv by an earlier run.
+  "$venv/bin/python" - "$distribution" "$version" <<'PY'
+import importlib.metadata, sys
+name, wanted = sys.argv[1], sys.argv[2]
+found = importlib.metadata.version(name)
+if found != wanted:
+    sys.exit(f"{name}: installed {found}, wanted {wanted}")
+PY
+  echo "installed $distribution $version into $venv"
 }
 
 mkdir -p "$peers_dir"
-make_venv sglang "sglang-router==$SGLANG_ROUTER_VERSION"
-make_venv vllm "vllm-router==$VLLM_ROUTER_VERSION"
-make_venv litellm "litellm[proxy]==$LITELLM_VERSION"
+make_venv sglang sglang-router "$SGLANG_ROUTER_VERSION"
+make_venv vllm vllm-router "$VLLM_ROUTER_VERSION"
+make_venv litellm litellm "$LITELLM_VERSION" "[proxy]"

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -38,6 +39,17 @@ class EngineArgs(_Strict):
     max_lora_rank: int = Field(16, ge=1, description="Largest adapter rank accepted.")
 
 
+# An engine publishing KV events binds two ZMQ ports derived from its HTTP port, so replicas on
+# consecutive HTTP ports never collide and a subscriber can find them from the engine's URL alone.
+KV_EVENTS_PORT_OFFSET = 1000
+KV_REPLAY_PORT_OFFSET = 2000
+
+
+def kv_event_ports(http_port: int) -> tuple[int, int]:
+    """(publish, replay) ZMQ ports of the engine listening on `http_port`."""
+    return http_port + KV_EVENTS_PORT_OFFSET, http_port + KV_REPLAY_PORT_OFFSET
+
+
 class EngineGroup(_Strict):
     """One line of `engines:`: `replicas` identical engines."""
 
@@ -54,7 +66,12 @@ class EngineGroup(_Strict):
     port: int | None = Field(None, ge=1, le=65535, description="First port for launched replicas.")
     adapters: list[str] = Field(default_factory=list, description="LoRA adapters loaded at start.")
     time_scale: float = Field(1.0, gt=0, description="Emulated engines: stretch every duration by this.")
-    kv_events: bool = Field(False, description="Emulated engines: publish KV events over ZMQ.")
+    kv_events: bool = Field(
+        False,
+        description="The engine publishes KV events over ZMQ on its HTTP port + 1000 (replay socket + 2000),"
+        " and the gateway follows them for a precise prefix index. Emulated and vllm/sglang engines are"
+        " started that way; an external engine must be.",
+    )
     engine_args: EngineArgs = Field(default_factory=EngineArgs, description="Engine-side knobs.")
 
     @model_validator(mode="before")
@@ -156,6 +173,18 @@ class EngineInstance:
     group: EngineGroup
     port: int | None
     url: str
+
+    def kv_event_endpoints(self) -> tuple[str, str] | None:
+        """The ZMQ publish and replay endpoints a subscriber connects to, when the engine publishes KV
+        events: on the host of its URL, at the ports `kv_event_ports` derives from its HTTP port."""
+        if not self.group.kv_events:
+            return None
+        parsed = urlsplit(self.url)
+        if parsed.port is None:
+            raise ValueError(f"engine {self.engine_id}: kv_events needs an explicit port in {self.url}")
+        publish, replay = kv_event_ports(parsed.port)
+        host = parsed.hostname or "127.0.0.1"
+        return f"tcp://{host}:{publish}", f"tcp://{host}:{replay}"
 
 
 class ConfigError(ValueError):

@@ -8,6 +8,7 @@ import msgpack
 import zmq
 import zmq.asyncio
 
+from fleetserve.config import kv_event_ports, parse_fleet
 from fleetserve.engines.emulator.kv_events import (
     END_SEQ,
     KVEventPublisher,
@@ -43,8 +44,14 @@ def test_large_hashes_survive_msgpack() -> None:
     assert msgpack.unpackb(encode_batch([event], 0.0))[1][0][1] == [2**64 - 1]
 
 
-def test_fleet_engines_get_distinct_event_ports() -> None:
-    assert kv_event_endpoints("127.0.0.1", 8100) == ("tcp://127.0.0.1:18100", "tcp://127.0.0.1:28100")
+def test_emulated_engines_publish_where_launched_engines_and_the_gateway_expect() -> None:
+    instance = parse_fleet(
+        "engines: [{name: h, gpu: h100-80g, model: llama-3-8b, replicas: 3, kv_events: true}]"
+    ).instances()[2]
+    assert instance.port is not None
+    publish, replay = kv_event_ports(instance.port)
+    expected = (f"tcp://127.0.0.1:{publish}", f"tcp://127.0.0.1:{replay}")
+    assert kv_event_endpoints("127.0.0.1", instance.port) == expected == instance.kv_event_endpoints()
 
 
 def test_publish_then_replay_from_a_sequence_number() -> None:

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fleetserve.engines.emulator.text import PseudoText, plan_output, request_seed
-from fleetserve.engines.emulator.tokenizer import HashTokenizer, chat_prompt
+from fleetserve.protocol.tokenizer import HashTokenizer, chat_prompt
 
 TOKENIZER = HashTokenizer(32000)
 

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from fleetserve.config import EngineInstance, parse_fleet
+from fleetserve.config import EngineInstance, kv_event_ports, parse_fleet
 from fleetserve.engines import smollm2
 from fleetserve.engines.commands import (
     engine_spec,
-    kv_event_ports,
     launched_specs,
     llamacpp_argv,
     llamacpp_replicas,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from fleetserve.model.catalog import default_catalog
 from fleetserve.model.cost import CostModel
 from fleetserve.model.engine import EngineModel, RequestRejected
+from fleetserve.model.kvcache import hash_prompt_blocks
 from fleetserve.model.scheduler import SchedulerConfig
 from fleetserve.model.types import EngineRequest, StepResult
 
@@ -316,3 +317,57 @@ def test_metrics_track_running_waiting_and_usage(cost):
 def test_build_from_catalog_names():
     engine = EngineModel.build("h100-80g", "llama-3-8b", config=SchedulerConfig(block_size=32))
     assert engine.metrics.block_size == 32 and engine.metrics.num_gpu_blocks > 1000
+
+
+def mark_unique(requests: list[EngineRequest]) -> list[EngineRequest]:
+    """The same requests, flagged `unique_prompt` when no other request's prompt shares a full block."""
+    hashes = {r.request_id: hash_prompt_blocks(r.prompt_token_ids, 16, r.adapter) for r in requests}
+    owners = Counter(block for blocks in hashes.values() for block in set(blocks))
+    return [
+        replace(r, unique_prompt=all(owners[block] == 1 for block in hashes[r.request_id])) for r in requests
+    ]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads, st.sampled_from(["step", "advance"]), st.booleans())
+def test_unique_prompts_behave_exactly_like_hashed_ones(workload, mode, every_token):
+    """Caching a unique prompt without hashes changes nothing observable: same outputs and times, same
+    preemptions and prefix-cache counts (including a preempted request finding its own blocks), and no
+    block leaks."""
+    seed, count, shared, blocks, policy, adapters = workload
+    requests = make_requests(seed, count, shared, adapters)
+    hashed_engine = small_engine(blocks, policy, every=every_token)
+    hashed = drive(hashed_engine, requests, mode=mode)
+    unique_engine = small_engine(blocks, policy, every=every_token)
+    unique = drive(unique_engine, mark_unique(requests), mode=mode, check=True)
+    assert unique.seen == hashed.seen
+    assert unique.preempted == hashed.preempted
+    assert unique_engine.kv.stats == hashed_engine.kv.stats
+    kv = unique_engine.kv
+    assert kv.num_free_blocks == kv.num_blocks
+    assert all(count == 0 for count in kv.cached_ref_counts().values())
+
+
+def test_preempted_unique_prompt_hits_its_own_blocks(cost):
+    # two long requests that cannot both finish in 40 blocks: one is preempted and recomputes
+    engine = small_engine(40)
+    for name in ("a", "b"):
+        prompt = [ord(name), *range(200)]
+        engine.add_request(EngineRequest(name, prompt, 300, 0.0, unique_prompt=True), 0.0)
+    run = drive(engine, [], check=True)
+    assert run.preempted >= 1
+    assert all(seen.finished and seen.tokens == 300 for seen in run.seen.values())
+    assert engine.kv.stats.hits > 0  # the preempted request found its own prompt blocks again
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_without_prefix_caching_long_prompts_run(chunked):
+    """Regression: with enable_prefix_caching off, a prompt computed in several chunks raised IndexError."""
+    engine = small_engine(400, enable_prefix_caching=False, enable_chunked_prefill=chunked)
+    prompt_len = 300 if chunked else 90  # over the 96-token budget only with chunking
+    requests = [EngineRequest(f"r{i}", list(range(i, i + prompt_len)), 5, 0.0) for i in range(3)]
+    run = drive(engine, requests, check=True)
+    assert all(run.seen[r.request_id].finished for r in requests)
+    assert engine.kv.stats.queries == engine.kv.stats.hits == 0
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks

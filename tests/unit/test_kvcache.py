@@ -144,3 +144,32 @@ def test_prefix_caching_disabled_finds_nothing():
     kv.allocate(1)
     assert kv.cache_blocks(hashes, None, list(range(4)), None) == []
     assert kv.count_cached_prefix(hashes, 1) == 0
+
+
+def test_unfindable_blocks_are_evicted_in_lru_order_as_one_run():
+    kv = _cache(10)
+    assert kv.allocate(10)
+    hashes = hash_prompt_blocks(list(range(8)), 4)
+    kv.free(kv.cache_blocks(hashes, None, list(range(8)), None), 0)  # 2 findable, freed first
+    kv.free([], 0, num_unfindable=4)  # a finished unique prompt: 4 cached blocks nobody can find
+    assert kv.num_free_blocks == 6 and kv.num_used_blocks == 4
+    kv.take_events()
+    assert kv.allocate(3)  # evicts the 2 findable blocks (freed first, tail first), then 1 of the run
+    assert kv.ref_count(hashes[0]) is None
+    assert kv.take_events() == [BlockRemoved((hashes[1], hashes[0]))]
+    assert kv.num_free_blocks == 3
+    assert kv.allocate(3) and kv.num_free_blocks == 0  # the rest of the run
+    assert not kv.allocate(1)
+    assert kv.take_events() == []  # unfindable blocks are never reported
+
+
+def test_private_hashes_name_held_blocks_and_never_collide():
+    kv = _cache(10)
+    assert kv.allocate(3)
+    private = kv.private_hashes(3, num_held=2)
+    assert all(value >= 2**64 for value in private) and len(set(private)) == 3
+    assert kv.ref_count(private[0]) == kv.ref_count(private[1]) == 1 and kv.ref_count(private[2]) is None
+    assert kv.private_hashes(1, 0)[0] not in private
+    kv.free(private[:2], 1)
+    assert kv.count_cached_prefix(private, 3) == 2  # findable again, e.g. by its preempted request
+    assert kv.num_free_blocks == 10

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import signal
 import socket
 import sys
 import tempfile
@@ -52,6 +53,7 @@ from fleetserve.fleet.registry import EngineState
 from fleetserve.gateway.app import Gateway
 from fleetserve.gateway.server import run_gateway
 from fleetserve.model.catalog import UnknownEntry, default_catalog
+from fleetserve.routing import POLICIES
 from fleetserve.workload.readers import read_trace
 from fleetserve.workload.trace import write_jsonl
 
@@ -68,6 +70,7 @@ TOKENIZER_SLACK = 1.5
 # The gateway probes a starting engine every 0.1 s; this only bounds a fleet that never gets ready.
 ROUTABLE_TIMEOUT_S = 60.0
 TICK_S = 0.25
+SAMPLE_QUESTION = "What is the capital of France? Answer in one sentence."
 
 
 @click.command()
@@ -89,7 +92,9 @@ TICK_S = 0.25
     help=f"Send at most this many requests [default: the whole trace; {DEFAULT_REAL_REQUESTS} with --real].",
 )
 @click.option(
-    "--duration", type=click.FloatRange(min=0, min_open=True), help="Stop sending after this many s."
+    "--duration",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Send only the first this many seconds of the replay.",
 )
 @click.option(
     "--rate-scale",
@@ -142,6 +147,8 @@ def demo(
     then keep serving on http://127.0.0.1:PORT until Ctrl-C."""
     if real and fleet_file:
         raise click.UsageError("--real runs its own llama.cpp fleet; drop --fleet")
+    if policy is not None and policy not in POLICIES:
+        raise click.UsageError(f"unknown policy {policy!r}; valid policies: {', '.join(sorted(POLICIES))}")
     try:
         base = load_fleet(fleet_file) if fleet_file else packaged_fleet()
     except ConfigError as exc:
@@ -159,6 +166,9 @@ def demo(
         console = Console(highlight=False, width=max(console.width, 120))
     model = config.engines[0].model
     url = f"http://{host}:{port}"
+    # SIGTERM (docker stop, systemd) takes Ctrl-C's path, so the engines are stopped in order and the
+    # temporary files removed; by default it would end the process as soon as uvicorn re-raised it.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with tempfile.TemporaryDirectory(prefix="fleetserve-demo-") as tmp:
         workdir = Path(tmp)
         if real:
@@ -195,8 +205,10 @@ def demo(
         except LaunchError as exc:
             raise click.ClickException(str(exc)) from None
         except KeyboardInterrupt:
-            console.print("stopped")
-            return
+            console.print("interrupted")
+            raise SystemExit(130) from None
+    if result.interrupted:
+        raise SystemExit(130)
     if result.summary.failed:
         sys.stdout.flush()
         raise click.ClickException(f"{result.summary.failed} request(s) failed: {result.summary.failures}")
@@ -299,9 +311,9 @@ async def run_demo(
 ) -> BenchResult:
     kinds = Counter(f"{group.gpu or 'cpu'}" for group in config.engines for _ in range(group.replicas))
     mix = ", ".join(f"{count} x {gpu}" for gpu, count in kinds.items())
-    console.print(
-        f"[bold]fleetserve demo[/]: starting {sum(kinds.values())} engines ({mix}) serving {bench.model}"
-    )
+    count = sum(kinds.values())
+    engines = f"{count} engine{'s' if count != 1 else ''}"
+    console.print(f"[bold]fleetserve demo[/]: starting {engines} ({mix}) serving {bench.model}")
     async with launch_engines(config, ready_timeout=timeout) as launched:
         for engine in launched:
             console.print("  " + describe(config, engine))
@@ -316,13 +328,19 @@ async def run_demo(
             console.print(
                 f"replaying {total} {what}" + (f" at {bench.rate_scale:g}x speed" if bench.trace else "")
             )
-            result = await replay(bench, total, watch, console)
+            result = await replay(bench, total, watch, running, console)
+            if running.task.done():
+                console.print("interrupted")
+                return result
             rows = await engine_rows(gateway, watch)
             console.print(engine_table(rows, bench.model))
             console.print(summary_line(result, rows))
+            if config.engines[0].kind == "llamacpp":
+                console.print(f"a real answer: {await sample_answer(url, bench.model)!r}")
             if wait:
                 console.print(examples(url, bench.model))
                 await running.stopped()
+                console.print("stopping")
     return result
 
 
@@ -429,9 +447,14 @@ class ReplayProgress:
         self.progress.update(self._task, completed=self.done, failed=self.failed)
 
 
-async def replay(bench: BenchConfig, total: int, watch: FleetWatch, console: Console) -> BenchResult:
+async def replay(
+    bench: BenchConfig, total: int, watch: FleetWatch, gateway: RunningGateway, console: Console
+) -> BenchResult:
+    """Runs the benchmark with a live view. If the gateway stops meanwhile (uvicorn handles Ctrl-C and
+    SIGTERM), sending stops too, and the result is marked interrupted."""
     progress = ReplayProgress(total)
-    running = asyncio.ensure_future(run_bench(bench, progress))
+    stop = asyncio.Event()
+    running = asyncio.ensure_future(run_bench(bench, progress, stop=stop))
 
     def view() -> RenderableType:
         return Group(progress.progress, watch.table())
@@ -441,6 +464,8 @@ async def replay(bench: BenchConfig, total: int, watch: FleetWatch, console: Con
         while not running.done():
             await asyncio.wait({running}, timeout=TICK_S)
             watch.sample()
+            if gateway.task.done():
+                stop.set()
     return running.result()
 
 
@@ -551,23 +576,23 @@ def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | 
 
 
 def engine_table(rows: list[EngineRow], model: str) -> Table:
+    """One row per engine; a figure no engine reported (llama-cpp-python has no /metrics) gets no column."""
+    columns: dict[str, list[str]] = {
+        "engine": [row.engine_id for row in rows],
+        "gpu": [row.gpu for row in rows],
+        "requests": [str(row.requests) + (f" ({row.errors} err)" if row.errors else "") for row in rows],
+        "out tokens": ["-" if r.output_tokens is None else f"{r.output_tokens:,.0f}" for r in rows],
+        "TTFT p50": [_ms(row.ttft_p50_s) for row in rows],
+        "TTFT p99": [_ms(row.ttft_p99_s) for row in rows],
+        "KV peak": ["-" if row.peak_kv is None else f"{row.peak_kv:.0%}" for row in rows],
+        "prefix hit": ["-" if r.prefix_hit_rate is None else f"{r.prefix_hit_rate:.0%}" for r in rows],
+    }
+    shown = {name: cells for name, cells in columns.items() if any(cell != "-" for cell in cells)}
     table = Table(title=f"per engine ({model})", title_justify="left")
-    table.add_column("engine")
-    table.add_column("gpu")
-    for name in ("requests", "out tokens", "TTFT p50", "TTFT p99", "KV peak", "prefix hit"):
-        table.add_column(name, justify="right")
-    for row in rows:
-        requests = str(row.requests) + (f" ({row.errors} err)" if row.errors else "")
-        table.add_row(
-            row.engine_id,
-            row.gpu,
-            requests,
-            "-" if row.output_tokens is None else f"{row.output_tokens:,.0f}",
-            _ms(row.ttft_p50_s),
-            _ms(row.ttft_p99_s),
-            "-" if row.peak_kv is None else f"{row.peak_kv:.0%}",
-            "-" if row.prefix_hit_rate is None else f"{row.prefix_hit_rate:.0%}",
-        )
+    for name in shown:
+        table.add_column(name, justify="left" if name in ("engine", "gpu") else "right")
+    for cells in zip(*shown.values(), strict=True):
+        table.add_row(*cells)
     return table
 
 
@@ -591,6 +616,19 @@ def summary_line(result: BenchResult, rows: list[EngineRow]) -> str:
         shares = ", ".join(f"{gpu} {count / answered:.0%}" for gpu, count in by_gpu.items())
         line += f"\nrequests by GPU type: {shares}"
     return line
+
+
+async def sample_answer(url: str, model: str) -> str:
+    body = {"model": model, "messages": [{"role": "user", "content": SAMPLE_QUESTION}], "max_tokens": 32}
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session,
+            session.post(url + "/v1/chat/completions", json=body) as response,
+        ):
+            answer = await response.json()
+        return answer["choices"][0]["message"]["content"].strip()
+    except (aiohttp.ClientError, TimeoutError, KeyError, IndexError, TypeError, ValueError) as exc:
+        return f"(no answer: {exc!r})"
 
 
 def examples(url: str, model: str) -> str:

@@ -157,7 +157,10 @@ def emulate(
         for spec, _ in planned:
             args = spec.engine_args.model_copy(update=overrides) if overrides else spec.engine_args
             scale = time_scale if time_scale is not None else spec.time_scale
-            specs.append(dataclasses.replace(spec, engine_args=args, time_scale=scale, **shared))
+            context = max_model_len if max_model_len is not None else spec.max_model_len
+            specs.append(
+                dataclasses.replace(spec, engine_args=args, time_scale=scale, max_model_len=context, **shared)
+            )
         ports = [port for _, port in planned]
         host = host or fleet.emulator.host
     else:

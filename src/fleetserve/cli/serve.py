@@ -21,6 +21,7 @@ import contextlib
 import importlib.util
 import logging
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -222,6 +223,9 @@ def serve(
         raise click.ClickException(
             f"gateway port {gateway_port} on {config.gateway.host} is in use; pick another with --port"
         )
+    # SIGTERM (docker stop, systemd) takes Ctrl-C's path, so the engines are stopped in order and the
+    # temporary files removed; by default it would end the process as soon as uvicorn re-raised it.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the SIGINT it handled
         try:
             uvloop.run(_serve(config, launch=not no_launch, port=port, policy=policy, timeout=ready_timeout))

@@ -13,24 +13,14 @@ import json
 import sys
 from pathlib import Path
 
-from fleetserve.config import EngineGroup, EngineInstance, FleetConfig
+from fleetserve.config import EngineGroup, EngineInstance, FleetConfig, kv_event_ports
 from fleetserve.engines.launcher import EngineSpec
 from fleetserve.engines.smollm2 import smollm2_gguf_path
 from fleetserve.model.catalog import UnknownEntry, default_catalog
 
 LAUNCHED_KINDS = ("llamacpp", "vllm", "sglang")
 
-# An engine publishing KV events binds two ZMQ ports derived from its HTTP port, so replicas on
-# consecutive HTTP ports never collide and a subscriber can find them from the engine's URL alone.
-KV_EVENTS_PORT_OFFSET = 1000
-KV_REPLAY_PORT_OFFSET = 2000
-
 DEFAULT_N_CTX = 2048
-
-
-def kv_event_ports(http_port: int) -> tuple[int, int]:
-    """(publish, replay) ZMQ ports of the engine listening on `http_port`."""
-    return http_port + KV_EVENTS_PORT_OFFSET, http_port + KV_REPLAY_PORT_OFFSET
 
 
 def kv_events_config(engine_id: str, http_port: int) -> str:
@@ -60,6 +50,8 @@ def llamacpp_argv(
     python: str = sys.executable,
 ) -> tuple[str, ...]:
     # One thread per replica by default: replicas, not threads, are what fleetserve spreads load over.
+    # --interrupt_requests False: llama-cpp-python otherwise cuts a running stream short whenever another
+    # request arrives, and a gateway's health probes (GET /v1/models) arrive every second.
     return (
         python, "-m", "llama_cpp.server",
         "--model", str(model_path),
@@ -69,6 +61,7 @@ def llamacpp_argv(
         "--n_ctx", str(n_ctx),
         "--n_threads", str(n_threads),
         "--n_threads_batch", str(n_threads),
+        "--interrupt_requests", "False",
     )  # fmt: skip
 
 

@@ -40,6 +40,7 @@ class EngineState:
     capacity: float = 1.0
     max_loras: int = 0
     block_size: int = 16
+    time_scale: float = 1.0  # an emulated engine's: its durations are the engine model's times this
     models: tuple[ModelEntry, ...] = ()  # from the engine's last good /v1/models
     metrics: EngineMetrics | None = None
     in_flight: int = field(default=0, init=False)

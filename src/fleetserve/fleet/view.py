@@ -26,6 +26,7 @@ from fleetserve.fleet.registry import EngineRegistry, EngineState
 from fleetserve.model.catalog import Catalog, UnknownEntry, default_catalog
 from fleetserve.model.cost import CostModel
 from fleetserve.routing import EngineView, FleetView
+from fleetserve.routing.prefix_index import PrefixIndex
 
 # The prompt length a request queued ahead is assumed to have: the demo and Azure conversation traces
 # average 1-2k tokens, and vLLM's default chunk is larger, so one such prompt is about one iteration.
@@ -55,11 +56,12 @@ class TTFTEstimate:
     cost: CostModel
     typical_prefill_s: float
     queued_ahead: int
+    time_scale: float = 1.0  # an emulated engine's --time-scale stretches every duration
 
     def __call__(self, prompt_len: int, cached_tokens: int = 0) -> float:
         cached = max(0, min(cached_tokens, prompt_len - 1))
         own = self.cost.iteration_time([(max(1, prompt_len - cached), cached)], [])
-        return own + self.queued_ahead * self.typical_prefill_s
+        return (own + self.queued_ahead * self.typical_prefill_s) * self.time_scale
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +78,8 @@ class ViewBuilder:
         # keyed by (gpu, model, tp), not engine id: an id removed and added again may be another engine
         self._models: dict[tuple[str | None, str, int], _EngineModel | None] = {}
         self._relative_version = -1
+        # the fleet's precise prefix index (fed by engine KV events), handed to policies when set
+        self.prefix_index: PrefixIndex | None = None
 
     def build(self, exclude: Collection[str] = ()) -> FleetView:
         """A snapshot of every engine except `exclude` (engines a retry already tried)."""
@@ -85,7 +89,8 @@ class ViewBuilder:
                 engine.engine_id: self.engine_view(engine)
                 for engine in self._registry.engines()
                 if engine.engine_id not in exclude
-            }
+            },
+            self.prefix_index,
         )
 
     def engine_view(self, engine: EngineState) -> EngineView:
@@ -96,7 +101,7 @@ class ViewBuilder:
         predictor = None
         if known is not None:
             queued_ahead = max(waiting, engine.in_flight - running, 0)
-            predictor = TTFTEstimate(known.cost, known.typical_prefill_s, queued_ahead)
+            predictor = TTFTEstimate(known.cost, known.typical_prefill_s, queued_ahead, engine.time_scale)
         return EngineView(
             engine_id=engine.engine_id,
             model=engine.model,

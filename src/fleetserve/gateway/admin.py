@@ -29,6 +29,12 @@ class NewEngine(BaseModel):
     adapters: list[str] = Field(default_factory=list)
     block_size: int = Field(16, ge=1)
     max_loras: int = Field(0, ge=0)
+    kv_events_endpoint: str | None = Field(
+        None, pattern=r"^tcp://", description="ZMQ endpoint the engine publishes KV events on."
+    )
+    kv_replay_endpoint: str | None = Field(
+        None, pattern=r"^tcp://", description="The engine's KV-event replay (ROUTER) endpoint."
+    )
 
 
 def describe(engine: EngineState) -> dict[str, Any]:
@@ -71,6 +77,11 @@ def admin_app(gateway: Gateway) -> Starlette:
             adapters=spec.adapters,
             block_size=spec.block_size,
             max_loras=spec.max_loras,
+            kv_events=(
+                (spec.kv_events_endpoint, spec.kv_replay_endpoint)
+                if spec.kv_events_endpoint is not None
+                else None
+            ),
         )
         return JSONResponse(describe(engine), status_code=201)
 

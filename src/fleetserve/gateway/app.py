@@ -11,12 +11,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
+from typing import Any
 
 import aiohttp
 
 from fleetserve.config import FleetConfig, MetricsDialect
 from fleetserve.fleet.health import EngineHealth, HealthChecker
+from fleetserve.fleet.kv_events import KVEventHub
 from fleetserve.fleet.registry import EngineRegistry, EngineState
 from fleetserve.fleet.scrape import MetricsScraper
 from fleetserve.fleet.view import ViewBuilder
@@ -67,6 +69,11 @@ class Gateway:
         self._session: aiohttp.ClientSession | None = None
         self._health: HealthChecker | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._pending: set[asyncio.Task[object]] = set()  # KV-event subscriptions being set up or closed
+        # engines that publish KV events, with their (publish, replay) endpoints; while any is followed the
+        # policies read the fleet's precise prefix index instead of learning their own
+        self._kv_endpoints: dict[str, tuple[str, str | None]] = {}
+        self.kv_events: KVEventHub | None = None
         for instance in config.instances():
             group = instance.group
             self.add_engine(
@@ -79,6 +86,8 @@ class Gateway:
                 adapters=group.adapters,
                 block_size=group.engine_args.block_size,
                 max_loras=group.engine_args.max_loras,
+                kv_events=instance.kv_event_endpoints(),
+                time_scale=group.time_scale if group.kind == "emulated" else 1.0,
             )
 
     # -- engines ---------------------------------------------------------------------------------
@@ -95,8 +104,11 @@ class Gateway:
         adapters: Iterable[str] = (),
         block_size: int = 16,
         max_loras: int = 0,
+        kv_events: tuple[str, str | None] | None = None,
+        time_scale: float = 1.0,
     ) -> EngineState:
-        """Register an engine; it takes traffic once a health probe finds it ready."""
+        """Register an engine; it takes traffic once a health probe finds it ready. `kv_events` are the
+        ZMQ publish and replay endpoints of an engine that publishes KV events."""
         settings = self.config.gateway
         engine = EngineState(
             engine_id=engine_id,
@@ -109,9 +121,14 @@ class Gateway:
             configured_adapters=frozenset(adapters),
             block_size=block_size,
             max_loras=max_loras,
+            time_scale=time_scale,
         )
         self.registry.add(engine)
         self.views.refresh_capacities()
+        if kv_events is not None:
+            self._kv_endpoints[engine_id] = kv_events
+            if self._session is not None:  # started: follow it now, else start() will
+                self._background(self._follow(engine_id, kv_events))
         if self._health is not None:
             self._health.wake()
         return engine
@@ -120,7 +137,20 @@ class Gateway:
         """Stop routing to the engine; requests already on it finish."""
         engine = self.registry.remove(engine_id)
         self.views.refresh_capacities()
+        if self._kv_endpoints.pop(engine_id, None) is not None and self.kv_events is not None:
+            self._background(self.kv_events.unsubscribe(engine_id))
         return engine
+
+    async def _follow(self, engine_id: str, endpoints: tuple[str, str | None]) -> None:
+        if self.kv_events is None:
+            self.kv_events = KVEventHub()
+            self.views.prefix_index = self.kv_events.index
+        await self.kv_events.subscribe(engine_id, *endpoints)
+
+    def _background(self, work: Coroutine[Any, Any, object]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -150,6 +180,8 @@ class Gateway:
             timeout_s=min(settings.connect_timeout_s, max(settings.scrape_interval_s, 0.5)),
         )
         self._tasks = [asyncio.create_task(self._health.run()), asyncio.create_task(scraper.run())]
+        for engine_id, endpoints in self._kv_endpoints.items():
+            await self._follow(engine_id, endpoints)
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -159,6 +191,13 @@ class Gateway:
                 await task
         self._tasks = []
         self._health = None
+        for pending in list(self._pending):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await pending
+        if self.kv_events is not None:
+            await self.kv_events.close()
+            self.kv_events = None
+            self.views.prefix_index = None
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from fleetserve.engines.emulator.tokenizer import HashTokenizer, chat_prompt
 from fleetserve.gateway.admission import Endpoint
 from fleetserve.model.catalog import Catalog, UnknownEntry
+from fleetserve.protocol.tokenizer import HashTokenizer, chat_prompt
 
 
 class PromptTokenizer:

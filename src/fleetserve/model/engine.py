@@ -187,34 +187,59 @@ class EngineModel:
 
     def step(self, now: float) -> StepResult:
         result = StepResult()
-        if self.scheduler.in_flight is not None:
-            if now < self._batch_end:
-                return result
-            self._complete(result)
-        self._start(now, result)
-        result.kv_events = self.kv.take_events()
+        if self.scheduler.in_flight is not None and now < self._batch_end:
+            return result
+        self._step_into(now, result)
         return result
 
     def advance(self, until: float) -> StepResult:
         result = StepResult()
-        while (when := self.next_event_time()) is not None and when <= until:
-            if self._skip_quiet_run(until, result):
+        scheduler = self.scheduler
+        while True:
+            # next_event_time(), inlined: this loop runs for every touch of every simulated engine
+            batch = scheduler.in_flight
+            if batch is not None:
+                when = self._batch_end
+            elif self._poked_at is not None:
+                when = self._poked_at
+            elif scheduler.requests:
+                when = self.lora.next_load_completion()
+                if when is None:
+                    break
+            else:
+                break
+            if when > until:
+                break
+            if (
+                batch is not None
+                and not self._changed
+                and not batch.prefills
+                and not batch.preempted
+                and self._skip_quiet_run(until, result)
+            ):
                 continue
-            stepped = self.step(when)
-            result.outputs.extend(stepped.outputs)
-            result.kv_events.extend(stepped.kv_events)
-            result.preempted.extend(stepped.preempted)
-            result.iterations += stepped.iterations
+            self._step_into(when, result)
         return result
+
+    def _step_into(self, now: float, result: StepResult) -> None:
+        """step(now) at an event time, adding what happened to `result`."""
+        if self.scheduler.in_flight is not None:
+            self._complete(result)
+        self._start(now, result)
+        if self.kv.has_events:
+            result.kv_events.extend(self.kv.take_events())
 
     def _start(self, now: float, result: StepResult) -> None:
         self._poked_at = None
         self._changed = False
-        if not self.scheduler.has_work:
+        if not self.scheduler.requests:
             return
-        self.lora.complete_loads(now)
+        lora = self.lora
+        if lora.enabled:
+            lora.complete_loads(now)
         batch = self.scheduler.schedule(now)
-        result.preempted.extend(seq.request_id for seq in batch.preempted)
+        if batch.preempted:
+            result.preempted.extend(seq.request_id for seq in batch.preempted)
         if batch.empty:
             return
         self._batch_start = now
@@ -237,14 +262,14 @@ class EngineModel:
 
     def _report(self, done: Completion, end: float, result: StepResult) -> None:
         outputs = result.outputs
-        sampled = {seq.request_id for seq in done.sampled}
+        sampled = {seq.request_id for seq in done.sampled} if done.sampled else ()
         if done.decoded:
             if self.report_every_token:
                 for seq in self.scheduler.decoding():
                     if seq.request_id not in sampled:
                         outputs.append(TokenOutput(seq.request_id, 1, end, end))
                         seq.num_reported += 1
-            else:
+            elif self._awaiting_stamp:
                 self._stamp(done.decode_clock, end)
         for seq in done.finished:
             if seq.request_id not in sampled:
@@ -291,41 +316,42 @@ class EngineModel:
         return TokenOutput(seq.request_id, count, first, end, True, "length")
 
     def _skip_quiet_run(self, until: float, result: StepResult) -> bool:
-        """Complete a run of identical decode iterations ending by `until` in one move, if one is
-        in flight. Returns False when the next event needs a real step."""
+        """Complete a run of identical decode iterations ending by `until` in one move; the caller checked
+        that the iteration in flight is pure decode and nothing changed since it was scheduled. Returns
+        False when the next event needs a real step."""
         scheduler = self.scheduler
-        batch = scheduler.in_flight
-        if batch is None or self._changed or not batch.pure_decode:
-            return False
         limit = scheduler.quiet_iterations()
         if limit == 0:
             return False
-        load_done = self.lora.next_load_completion()
-        horizon = until if load_done is None else min(until, math.nextafter(load_done, -math.inf))
+        horizon = until
+        if self.lora.enabled and (load_done := self.lora.next_load_completion()) is not None:
+            horizon = min(until, math.nextafter(load_done, -math.inf))
+        batch = scheduler.in_flight
+        assert batch is not None
         n, context = batch.num_decode, batch.decode_context
         decode_time = self.cost.decode_time
-        first_end = end = self._batch_end
+        first_end = end = start = self._batch_end
         count = 0
         # iteration j completes at `end` and is followed by an identical one with n more context tokens
         while count < limit and end <= horizon:
             count += 1
             context += n
-            start, end = end, end + decode_time(n, context)
+            start = end
+            end += decode_time(n, context)
         if count == 0:
             return False
-        last_end = start
-        decode = scheduler.decode
-        clock = decode.clock
+        clock = scheduler.decode.clock
         scheduler.skip(count)
-        self._batch_start, self._batch_end = last_end, end
+        self._batch_start, self._batch_end = start, end
         result.iterations += count
         if self.report_every_token:
             for seq in scheduler.decoding():
-                result.outputs.append(TokenOutput(seq.request_id, count, first_end, last_end))
+                result.outputs.append(TokenOutput(seq.request_id, count, first_end, start))
                 seq.num_reported += count
-        else:
+        elif self._awaiting_stamp:
             self._stamp(clock, first_end)
-        result.kv_events.extend(self.kv.take_events())
+        if self.kv.has_events:
+            result.kv_events.extend(self.kv.take_events())
         return True
 
     # ---- observation ------------------------------------------------------------------------------

@@ -9,6 +9,13 @@ Modelled on vLLM v1's BlockPool and KVCacheManager, reduced to what a performanc
   evictable; evictable blocks are reused least-recently-freed first (vLLM's free block queue).
 - Every cached block that appears or disappears produces a `BlockStored` / `BlockRemoved` event in
   vLLM's vocabulary, so a router can mirror the cache.
+- A *unique* prompt (the caller promises no other request shares any of its blocks, e.g. a trace
+  request without `hash_ids`) needs no hashes: while its request holds them its full blocks are a
+  count, and when it finishes they join the eviction order as one `_UnfindableRun`, since nobody can
+  ever look them up again. That makes a unique prompt O(1) to cache, free and evict, with the same block
+  accounting and eviction order as hashing it. (A preempted request may find its own blocks again, so
+  the scheduler gives a preempted unique prompt real hashes first, see `private_hashes`.) Unique
+  prompts' blocks are never reported in KV events: no router could match them.
 
 A block hash covers the parent block's hash, the block's token ids and the LoRA adapter, so equal
 hashes mean equal prefixes. Hashes are 64-bit and deterministic across processes: CPython hashes ints
@@ -28,6 +35,8 @@ from fleetserve.model.types import AllBlocksCleared, BlockRemoved, BlockStored, 
 
 _MASK64 = (1 << 64) - 1
 _ROOT = 0x9E3779B97F4A7C15  # stands in for the missing parent of a prompt's first block
+# hashes handed out by `private_hashes` start above every 64-bit prompt hash, so they never collide
+_PRIVATE_BASE = 1 << 64
 
 
 @functools.lru_cache(maxsize=4096)
@@ -56,6 +65,16 @@ def hash_prompt_blocks(token_ids: Sequence[int], block_size: int, adapter: str |
         parent = hash((parent, lora, tokens[start : start + block_size])) & _MASK64
         append(parent)
     return hashes
+
+
+class _UnfindableRun:
+    """Consecutive evictable blocks nobody can look up (a finished unique prompt's): one entry of the
+    eviction order instead of one per block. Identity-hashed, so each run is its own key."""
+
+    __slots__ = ("count",)
+
+    def __init__(self, count: int) -> None:
+        self.count = count
 
 
 @dataclass
@@ -89,7 +108,10 @@ class KVCacheManager:
         self.stats = PrefixCacheStats()
         self._num_uncached_free = num_blocks
         self._ref_counts: dict[int, int] = {}  # cached block hash -> requests holding it
-        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced, LRU first
+        # cached, unreferenced blocks, least recently freed first: hashes and runs of unfindable blocks
+        self._evictable: OrderedDict[int | _UnfindableRun, None] = OrderedDict()
+        self._num_evictable = 0  # blocks in _evictable (a run counts its blocks)
+        self._num_private = 0  # private hashes handed out so far
         self._events: list[KVEvent] = []
 
     # ---- pool state -------------------------------------------------------------------------------
@@ -97,7 +119,7 @@ class KVCacheManager:
     @property
     def num_free_blocks(self) -> int:
         """Blocks an allocation may take: never used, or cached but unreferenced (evictable)."""
-        return self._num_uncached_free + len(self._evictable)
+        return self._num_uncached_free + self._num_evictable
 
     @property
     def num_used_blocks(self) -> int:
@@ -117,6 +139,20 @@ class KVCacheManager:
 
     def cached_ref_counts(self) -> dict[int, int]:
         return dict(self._ref_counts)
+
+    def private_hashes(self, count: int, num_held: int) -> list[int]:
+        """`count` fresh hashes no prompt hash can equal, identities for a unique prompt's blocks once its
+        request may look them up again (after a preemption). The first `num_held` name blocks the caller
+        holds as unfindable ones; they become cached blocks it holds a reference on."""
+        start = _PRIVATE_BASE + self._num_private
+        self._num_private += count
+        hashes = list(range(start, start + count))
+        self._ref_counts.update(dict.fromkeys(hashes[:num_held], 1))
+        return hashes
+
+    @property
+    def has_events(self) -> bool:
+        return bool(self._events)
 
     def take_events(self) -> list[KVEvent]:
         events, self._events = self._events, []
@@ -149,15 +185,17 @@ class KVCacheManager:
 
     def can_allocate(self, num_new_blocks: int, touched: Sequence[int] = ()) -> bool:
         """Whether `num_new_blocks` fresh blocks fit after touching the cached `touched` blocks."""
-        return num_new_blocks + self.num_evictable_among(touched) <= self.num_free_blocks
+        touched_free = self.num_evictable_among(touched) if touched else 0
+        return num_new_blocks + touched_free <= self._num_uncached_free + self._num_evictable
 
     def touch(self, block_hashes: Sequence[int]) -> None:
         """Take a reference on cached blocks (a prefix hit); unreferenced ones stop being evictable."""
-        ref_counts = self._ref_counts
+        ref_counts, evictable = self._ref_counts, self._evictable
         for block_hash in block_hashes:
             count = ref_counts[block_hash]
             if count == 0:
-                del self._evictable[block_hash]
+                del evictable[block_hash]
+                self._num_evictable -= 1
             ref_counts[block_hash] = count + 1
 
     def allocate(self, num_blocks: int) -> bool:
@@ -165,20 +203,35 @@ class KVCacheManager:
         Returns False, changing nothing, when they do not fit."""
         if num_blocks <= 0:
             return num_blocks == 0
-        if num_blocks > self.num_free_blocks:
+        if num_blocks > self._num_uncached_free + self._num_evictable:
             return False
         from_uncached = min(num_blocks, self._num_uncached_free)
         self._num_uncached_free -= from_uncached
         to_evict = num_blocks - from_uncached
         if to_evict:
-            evicted = []
-            for _ in range(to_evict):
-                block_hash, _ = self._evictable.popitem(last=False)
-                del self._ref_counts[block_hash]
-                evicted.append(block_hash)
-            if self.enable_events:
-                self._events.append(BlockRemoved(tuple(evicted)))
+            self._evict(to_evict)
         return True
+
+    def _evict(self, count: int) -> None:
+        evictable, ref_counts = self._evictable, self._ref_counts
+        self._num_evictable -= count
+        evicted = []
+        while count:
+            key = next(iter(evictable))
+            if type(key) is _UnfindableRun:
+                if key.count > count:  # the rest of the run stays first in line
+                    key.count -= count
+                    break
+                count -= key.count
+                del evictable[key]
+                continue
+            del evictable[key]
+            del ref_counts[key]
+            count -= 1
+            if key < _PRIVATE_BASE:
+                evicted.append(key)
+        if evicted and self.enable_events:
+            self._events.append(BlockRemoved(tuple(evicted)))
 
     def cache_blocks(
         self,
@@ -186,19 +239,20 @@ class KVCacheManager:
         parent_hash: int | None,
         token_ids: Sequence[int],
         adapter: str | None,
+        report: bool = True,
     ) -> list[int]:
         """Turn just-computed anonymous full blocks into cached ones (the caller already holds them).
 
         Returns the hashes the caller now holds a reference on. A hash that is already cached (another
         request computed the same block concurrently) stays anonymous, as vLLM keeps such duplicates
-        out of the lookup table."""
+        out of the lookup table. `report=False` emits no event (blocks no router could match)."""
         if not self.enable_prefix_caching or not block_hashes:
             return []
         ref_counts = self._ref_counts
         stored = [block_hash for block_hash in block_hashes if block_hash not in ref_counts]
         for block_hash in stored:
             ref_counts[block_hash] = 1
-        if stored and self.enable_events:
+        if stored and report and self.enable_events:
             # A duplicate in the middle breaks the chain a reader would rebuild, so report the whole
             # run with its parent; readers treat an already-known hash as a no-op.
             self._events.append(
@@ -213,21 +267,29 @@ class KVCacheManager:
             )
         return stored
 
-    def free(self, cached_hashes: Sequence[int], num_anonymous: int) -> None:
+    def free(self, cached_hashes: Sequence[int], num_anonymous: int, num_unfindable: int = 0) -> None:
         """Give back a request's blocks. Cached ones are released tail first, so a prompt's last blocks
-        are evicted before its first ones (which more requests share)."""
-        if num_anonymous < 0:
-            raise ValueError(f"cannot free a negative number of blocks ({num_anonymous})")
+        are evicted before its first ones (which more requests share). `num_unfindable` more blocks are
+        cached but can never be looked up again (a finished unique prompt's): they join the eviction
+        order as one run, after the cached ones."""
+        if num_anonymous < 0 or num_unfindable < 0:
+            raise ValueError(f"cannot free a negative number of blocks ({num_anonymous}, {num_unfindable})")
         ref_counts, evictable = self._ref_counts, self._evictable
+        released = 0
         for block_hash in reversed(cached_hashes):
             count = ref_counts[block_hash] - 1
             ref_counts[block_hash] = count
             if not count:
                 evictable[block_hash] = None
+                released += 1
             elif count < 0:
                 raise RuntimeError(f"block {block_hash:#x} freed more often than referenced")
+        if num_unfindable:
+            evictable[_UnfindableRun(num_unfindable)] = None
+            released += num_unfindable
+        self._num_evictable += released
         self._num_uncached_free += num_anonymous
-        if self.num_free_blocks > self.num_blocks:
+        if self._num_uncached_free + self._num_evictable > self.num_blocks:
             raise RuntimeError("more KV blocks freed than allocated")
 
     def reset_prefix_cache(self) -> bool:
@@ -237,6 +299,7 @@ class KVCacheManager:
         self._num_uncached_free = self.num_blocks
         self._ref_counts.clear()
         self._evictable.clear()
+        self._num_evictable = 0
         if self.enable_events:
             self._events.append(AllBlocksCleared())
         return True

@@ -98,11 +98,12 @@ class Seq:
         "request",
         "request_id",
         "status",
+        "unique",
         "unreported_since",
         "version",
     )
 
-    def __init__(self, request: EngineRequest, order: int, block_hashes: list[int]) -> None:
+    def __init__(self, request: EngineRequest, order: int, block_hashes: list[int], unique: bool) -> None:
         self.request = request
         self.request_id = request.request_id
         self.prompt_len = request.prompt_len
@@ -112,6 +113,9 @@ class Seq:
         self.arrival = request.arrival_time
         self.order = order
         self.block_hashes = block_hashes
+        # a unique prompt's computed full blocks are cached without hashes: the first num_committed
+        # blocks it holds, counted among its anonymous ones (see kvcache)
+        self.unique = unique
         self.status = WAITING
         self.num_computed = 0
         self.num_output = 0
@@ -272,7 +276,7 @@ class DecodeSet:
         return done
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledBatch:
     """One iteration's work: prefill chunks (request, tokens, tokens computed before) and one token for
     each of `num_decode` decoding requests whose contexts sum to `decode_context`."""
@@ -291,7 +295,7 @@ class ScheduledBatch:
         return not self.prefills and not self.preempted and self.num_decode > 0
 
 
-@dataclass
+@dataclass(slots=True)
 class Completion:
     """What an iteration produced: `sampled` requests got a token from a finished prefill, every member of
     `decoded` (the decode set after the iteration) and of `finished` got one decode token unless it
@@ -316,19 +320,24 @@ class Scheduler:
         self.decode = DecodeSet(config.block_size)
         self.requests: dict[str, Seq] = {}  # every unfinished request
         self.num_preemptions = 0
-        self._in_flight: ScheduledBatch | None = None
+        self.in_flight: ScheduledBatch | None = None  # the iteration scheduled and not yet completed
         self._decode_block_held = False  # members hold the block of the decode iteration in flight
         self._order = 0
+        # quiet_iterations() of the in-flight batch, kept up to date by skip() until anything else changes
+        self._quiet_batch: ScheduledBatch | None = None
+        self._quiet_left = 0
 
     # ---- requests in and out ----------------------------------------------------------------------
 
     def add(self, request: EngineRequest) -> Seq:
+        caching = self.kv.enable_prefix_caching
+        unique = caching and request.unique_prompt
         hashes = (
             hash_prompt_blocks(request.prompt_token_ids, self.block_size, request.adapter)
-            if self.kv.enable_prefix_caching
+            if caching and not unique
             else []
         )
-        seq = Seq(request, self._order, hashes)
+        seq = Seq(request, self._order, hashes, unique)
         self._order += 1
         self.requests[seq.request_id] = seq
         self.waiting.add(seq)
@@ -366,12 +375,14 @@ class Scheduler:
 
     def _release(self, seq: Seq) -> None:
         """Take a running request out of every running structure and free its blocks."""
+        self._quiet_batch = None
         held = self.blocks_held(seq)
         if seq.in_decode:
             self.decode.leave(seq)
         self.prefilling.pop(seq.request_id, None)
         del self.running[seq.request_id]
-        self.kv.free(seq.cached_hashes, held - len(seq.cached_hashes))
+        unfindable = seq.num_committed if seq.unique else 0
+        self.kv.free(seq.cached_hashes, held - len(seq.cached_hashes) - unfindable, unfindable)
         seq.cached_hashes = []
         seq.num_blocks = 0
         seq.num_committed = 0
@@ -384,6 +395,11 @@ class Scheduler:
         del self.requests[seq.request_id]
 
     def _preempt(self, seq: Seq) -> None:
+        if seq.unique:
+            # it will look its prompt up again on readmission: from now on its blocks need identities
+            seq.block_hashes = self.kv.private_hashes(seq.prompt_len // self.block_size, seq.num_committed)
+            seq.cached_hashes = seq.block_hashes[: seq.num_committed]
+            seq.unique = False
         self._release(seq)
         seq.status = WAITING
         seq.num_computed = 0
@@ -401,7 +417,7 @@ class Scheduler:
 
     def schedule(self, now: float) -> ScheduledBatch:
         """Choose the next iteration's work and allocate its blocks. `now` only dates adapter loads."""
-        if self._in_flight is not None:
+        if self.in_flight is not None:
             raise RuntimeError("an iteration is already in flight")
         kv, decode, block_size = self.kv, self.decode, self.block_size
         batch = ScheduledBatch()
@@ -414,7 +430,7 @@ class Scheduler:
         budget -= len(decode)
 
         # 2. requests in prefill continue, in admission order
-        for seq in list(self.prefilling.values()):
+        for seq in list(self.prefilling.values()) if self.prefilling else ():
             if budget <= 0:
                 break
             if seq.status != RUNNING:
@@ -438,7 +454,7 @@ class Scheduler:
 
         batch.num_decode = len(decode)
         batch.decode_context = decode.total_context()
-        self._in_flight = None if batch.empty else batch
+        self.in_flight = None if batch.empty else batch
         return batch
 
     def _preempt_one(self, batch: ScheduledBatch) -> tuple[Seq, int]:
@@ -464,19 +480,21 @@ class Scheduler:
                 skipped.append(waiting.pop())
                 continue
             num_tokens = seq.num_tokens
+            hashes = seq.block_hashes  # none for a unique prompt or without prefix caching
             # at least the last token is recomputed: its logits give the next token
-            hit_blocks = kv.count_cached_prefix(seq.block_hashes, (num_tokens - 1) // block_size)
+            hit_blocks = kv.count_cached_prefix(hashes, (num_tokens - 1) // block_size) if hashes else 0
             computed = hit_blocks * block_size
             remaining = num_tokens - computed
             if not config.enable_chunked_prefill and remaining > budget:
                 break
             chunk = min(remaining, budget)
-            touched = seq.block_hashes[:hit_blocks]
+            touched = hashes[:hit_blocks]
             new_blocks = cdiv(computed + chunk, block_size) - hit_blocks
             if not kv.can_allocate(new_blocks, touched):
                 break
             waiting.pop()
-            kv.touch(touched)
+            if touched:
+                kv.touch(touched)
             kv.allocate(new_blocks)
             kv.record_lookup(num_tokens, computed)
             if seq.num_output == 0:
@@ -497,10 +515,10 @@ class Scheduler:
 
     def complete(self) -> Completion:
         """Apply the in-flight iteration's results."""
-        batch = self._in_flight
+        batch = self.in_flight
         if batch is None:
             raise RuntimeError("no iteration in flight")
-        self._in_flight = None
+        self.in_flight = None
         self._decode_block_held = False
         done = Completion()
         decode = self.decode
@@ -534,27 +552,31 @@ class Scheduler:
         start = seq.num_committed
         if full <= start:
             return
+        seq.num_committed = full
+        if seq.unique or not seq.block_hashes:  # a unique prompt, or prefix caching is off
+            return
         block_size = self.block_size
         hashes = seq.block_hashes[start:full]
         parent = seq.block_hashes[start - 1] if start else None
+        if seq.request.unique_prompt:  # a preempted unique prompt: private hashes, no tokens, no events
+            seq.cached_hashes.extend(self.kv.cache_blocks(hashes, parent, (), seq.adapter, report=False))
+            return
         tokens = seq.request.prompt_token_ids[start * block_size : full * block_size]
         seq.cached_hashes.extend(self.kv.cache_blocks(hashes, parent, tokens, seq.adapter))
-        seq.num_committed = full
 
     # ---- skipping identical decode iterations -----------------------------------------------------
-
-    @property
-    def in_flight(self) -> ScheduledBatch | None:
-        return self._in_flight
 
     def quiet_iterations(self) -> int:
         """How many times in a row the in-flight pure-decode iteration can complete and be followed by an
         identical one: no request finishes and the blocks the followers need are free. (Admission stays
         impossible: the pass that built a pure-decode batch admitted nothing, and nothing it waited on
         improves while the batch is unchanged, except adapter loads, which the engine bounds by time.)"""
-        batch, decode = self._in_flight, self.decode
+        batch, decode = self.in_flight, self.decode
         if batch is None or not batch.pure_decode:
             return 0
+        if batch is self._quiet_batch:
+            # a skip that stopped short leaves the rest of the run: nothing else touched blocks or members
+            return self._quiet_left
         finish_clock = decode.next_finish_clock()
         # completing the in-flight iteration moves the clock to clock+1; none of the completions may
         # reach a finish clock
@@ -571,6 +593,7 @@ class Scheduler:
             if needed > free:
                 break
             count += 1
+        self._quiet_batch, self._quiet_left = batch, count
         return count
 
     def skip(self, count: int) -> None:
@@ -580,9 +603,11 @@ class Scheduler:
         if not self.kv.allocate(decode.blocks_needed_over(first, count)):
             raise RuntimeError("skip beyond the quiet iterations")
         decode.clock += count
-        batch = self._in_flight
+        batch = self.in_flight
         assert batch is not None
         batch.decode_context = decode.total_context()
+        if batch is self._quiet_batch:
+            self._quiet_left -= count
 
     def decoding(self) -> Iterable[Seq]:
         return self.decode.members.values()

@@ -23,6 +23,10 @@ class EngineRequest:
     arrival_time: float
     adapter: str | None = None
     priority: int = 0  # lower runs first under the priority policy, as in vLLM
+    # The caller's promise that no other request's prompt shares a block with this one (a trace request
+    # without hash_ids): the engine then never reads the tokens, only their count, and caches the
+    # prompt's blocks without hashing them. Prefix hits and block accounting are as with hashing.
+    unique_prompt: bool = False
 
     @property
     def prompt_len(self) -> int:
@@ -71,7 +75,7 @@ class AllBlocksCleared:
 KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
 
 
-@dataclass
+@dataclass(slots=True)
 class StepResult:
     """What happened between the previous step and this one."""
 

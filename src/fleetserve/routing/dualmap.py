@@ -2,11 +2,17 @@
 says otherwise (DualMap: Enabling Both Cache Affinity and Load Balancing for Distributed LLM Serving,
 arXiv 2602.06502, ICLR 2026).
 
-Each request's prefix key (the chained hash of its first `prefix_blocks` blocks, so it covers exactly
-that prefix) goes through two independent hash functions onto two consistent-hash rings with virtual
-nodes; each ring names one candidate. Requests sharing a prefix always get the same pair, so they meet
-their cache on one of two engines, while distinct prefixes spread like the power of two choices. Adding
-or removing an engine moves only the keys on the arcs its virtual nodes owned.
+Each request's prefix key (the chained hash of its first `prefix_blocks` blocks past the fleet-wide
+common prefix, so it covers exactly that prefix) goes through two independent hash functions onto two
+consistent-hash rings with virtual nodes; each ring names one candidate. Requests sharing a prefix always
+get the same pair, so they meet their cache on one of two engines, while distinct prefixes spread like
+the power of two choices. Adding or removing an engine moves only the keys on the arcs its virtual nodes
+owned.
+
+The fleet-wide common prefix is the run of leading blocks that at least `shared_fraction` of the
+candidates already hold: a system prompt every request starts with. It says nothing about where a request
+belongs, and keying on it would send every request to the same two engines (the Mooncake trace starts
+every prompt with the same 512 tokens), so the key starts after it.
 
 Between the two: the one holding more of the prefix (the cache-affinity candidate), or the less loaded
 when neither holds more. The paper then migrates queued requests off hotspots to their other candidate;
@@ -20,8 +26,10 @@ from __future__ import annotations
 import bisect
 import functools
 import hashlib
+import heapq
+import math
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 from fleetserve.routing.base import Decision, EngineView, FleetView, Policy, RequestInfo, require_candidates
 from fleetserve.routing.cache_aware import DEFAULT_MAX_BLOCKS, DEFAULT_MAX_BYTES, DEFAULT_TTL_S
@@ -88,22 +96,27 @@ class DualMapPolicy(Policy):
         ttft_slo_ms: float | None = None,
         hotspot_factor: float = 2.0,
         hotspot_min_load: float = 4.0,
+        shared_fraction: float = 0.5,
         max_tree_size: int = DEFAULT_MAX_BLOCKS,
         max_bytes: int = DEFAULT_MAX_BYTES,
         ttl_s: float = DEFAULT_TTL_S,
     ) -> None:
         """`ttft_slo_ms` applies to requests that carry no SLO of their own; `hotspot_factor` and
         `hotspot_min_load` define a hotspot: normalised load above both the factor times the candidates'
-        mean and the minimum."""
+        mean and the minimum; `shared_fraction` of the candidates holding a prefix make it common to the
+        fleet, and the prefix key starts after it."""
         if prefix_blocks < 1 or virtual_nodes < 1:
             raise ValueError("prefix_blocks and virtual_nodes must be >= 1")
         if hotspot_factor <= 1.0:
             raise ValueError(f"hotspot_factor must be > 1, got {hotspot_factor}")
+        if not 0.0 < shared_fraction <= 1.0:
+            raise ValueError(f"shared_fraction must be in (0, 1], got {shared_fraction}")
         self.prefix_blocks = prefix_blocks
         self.virtual_nodes = virtual_nodes
         self.ttft_slo_ms = ttft_slo_ms
         self.hotspot_factor = hotspot_factor
         self.hotspot_min_load = hotspot_min_load
+        self.shared_fraction = shared_fraction
         self.prefixes = PrefixMatcher(max_entries=max_tree_size, max_bytes=max_bytes, ttl_s=ttl_s)
         self._rings: OrderedDict[frozenset[str], tuple[HashRing, HashRing]] = OrderedDict()
 
@@ -123,21 +136,32 @@ class DualMapPolicy(Policy):
             self._rings.move_to_end(members)
         return rings
 
-    def prefix_key(self, request: RequestInfo) -> int:
-        """What identifies the request's prefix: the chained hash of its `prefix_blocks`-th block (or its
-        last full one); for a prompt shorter than a block its tokens; without tokens its session, so a
-        conversation still sticks; failing all, its id, which just spreads requests."""
+    def prefix_key(self, request: RequestInfo, common_blocks: int = 0) -> int:
+        """What identifies the request's prefix: the chained hash of its `prefix_blocks`-th block after
+        the `common_blocks` the fleet shares (or of its last full one); for a prompt shorter than a block
+        its tokens; without tokens its session, so a conversation still sticks; failing all, its id,
+        which just spreads requests."""
         hashes = request.block_hashes
         if hashes:
-            return hashes[min(self.prefix_blocks, len(hashes)) - 1]
+            return hashes[min(common_blocks + self.prefix_blocks, len(hashes)) - 1]
         if request.prompt_token_ids:
             return hash(tuple(request.prompt_token_ids)) & _MASK64
         return stable_hash(request.session if request.session is not None else request.request_id)
 
-    def pair(self, request: RequestInfo, engine_ids: Iterable[str]) -> tuple[str, str]:
+    def common_blocks(self, matched: Mapping[str, int], num_candidates: int) -> int:
+        """How many leading blocks of the request at least `shared_fraction` of the candidates (and at
+        least two) hold: the k-th largest match."""
+        holders = max(2, math.ceil(self.shared_fraction * num_candidates))
+        if len(matched) < holders:
+            return 0
+        return heapq.nlargest(holders, matched.values())[-1]
+
+    def pair(
+        self, request: RequestInfo, engine_ids: Iterable[str], common_blocks: int = 0
+    ) -> tuple[str, str]:
         """The request's two candidates (the same engine twice only when there is one engine)."""
         primary_ring, secondary_ring = self.rings(engine_ids)
-        key = self.prefix_key(request)
+        key = self.prefix_key(request, common_blocks)
         primary = primary_ring.owner(mix64(key ^ _SALT_PRIMARY))
         secondary = primary
         for owner in secondary_ring.walk(mix64(key ^ _SALT_SECONDARY)):
@@ -152,7 +176,7 @@ class DualMapPolicy(Policy):
         if len(candidates) == 1:
             return Decision(candidates[0].engine_id, "only_candidate")
         by_id = {engine.engine_id: engine for engine in candidates}
-        first_id, second_id = self.pair(request, by_id)
+        first_id, second_id = self.pair(request, by_id, self.common_blocks(matched, len(candidates)))
         first, second = by_id[first_id], by_id[second_id]
         first_blocks, second_blocks = matched.get(first_id, 0), matched.get(second_id, 0)
         if first_blocks != second_blocks:

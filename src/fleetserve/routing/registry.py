@@ -47,7 +47,8 @@ for _cls in (
 
 
 def make_policy(name: str, params: dict[str, Any] | None = None, seed: int | None = None) -> Policy:
-    """Build policy `name` with `params`; `seed` goes to policies that draw random numbers."""
+    """Build policy `name` with `params`. Policies that draw random numbers take a `seed`: the argument,
+    else `params["seed"]`, else fresh entropy."""
     if name not in POLICIES:
         raise ValueError(f"unknown routing policy {name!r}; valid policies: {', '.join(sorted(POLICIES))}")
     cls = POLICIES[name]
@@ -57,10 +58,10 @@ def make_policy(name: str, params: dict[str, Any] | None = None, seed: int | Non
         if p.kind is inspect.Parameter.KEYWORD_ONLY
     }
     params = dict(params or {})
-    unknown = sorted(set(params) - (accepted - {"seed"}))
+    unknown = sorted(set(params) - accepted)
     if unknown:
-        valid = ", ".join(sorted(accepted - {"seed"})) or "none"
+        valid = ", ".join(sorted(accepted)) or "none"
         raise ValueError(f"policy {name!r} has no parameter {', '.join(unknown)}; valid parameters: {valid}")
-    if "seed" in accepted:
+    if seed is not None and "seed" in accepted:
         params["seed"] = seed
     return cls(**params)

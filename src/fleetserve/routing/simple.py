@@ -47,8 +47,8 @@ class LeastRequestPolicy(Policy):
         self._rng = random.Random(seed)
 
     def choose(self, request: RequestInfo, view: FleetView, now: float) -> Decision:
-        candidates = require_candidates(request, view)
-        best = _lowest(candidates, lambda e: e.normalized_load, self._rng)
+        tied = _least_loaded(require_candidates(request, view))
+        best = tied[0] if len(tied) == 1 else self._rng.choice(tied)
         return Decision(best.engine_id, "least_request")
 
 
@@ -82,6 +82,16 @@ class PowerOfTwoPolicy(Policy):
         first, second = self._rng.sample(candidates, 2)
         best = second if second.normalized_load < first.normalized_load else first
         return Decision(best.engine_id, "power_of_two")
+
+
+def _least_loaded(candidates: list[EngineView]) -> list[EngineView]:
+    """The candidates of lowest `normalized_load`, in order. The property is inlined: the simulator runs
+    this for every request over every engine."""
+    loads = [(engine.in_flight + engine.waiting) / engine.capacity for engine in candidates]
+    low = min(loads)
+    if loads.count(low) == 1:
+        return [candidates[loads.index(low)]]
+    return [engine for engine, load in zip(candidates, loads, strict=True) if load == low]
 
 
 def _lowest(candidates: list[EngineView], key: Callable[[EngineView], Any], rng: random.Random) -> EngineView:

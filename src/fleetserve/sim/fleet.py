@@ -15,7 +15,7 @@ from fleetserve.model.catalog import Catalog, UnknownEntry, default_catalog
 from fleetserve.model.cost import CostModel
 from fleetserve.model.engine import EngineModel
 from fleetserve.model.scheduler import SchedulerConfig
-from fleetserve.routing.base import EngineView, FleetView
+from fleetserve.routing.base import EngineView, FleetView, RequestInfo
 from fleetserve.sim.errors import SimInputError
 
 
@@ -47,22 +47,43 @@ class SimEngine:
             self.busy_time += now - self.busy_since
             self.busy_since = None
 
-    def refresh_view(self) -> None:
-        """Copy what a metrics scrape would report into the view."""
-        metrics = self.model.metrics
-        view = self.view
-        view.running = metrics.num_running
-        view.waiting = metrics.num_waiting
-        view.kv_usage = metrics.kv_usage
-        adapters = self.model.adapters
+    def refresh_view(self) -> bool:
+        """Copy what a metrics scrape would report into the view; True when its adapters changed."""
+        model, view = self.model, self.view
+        scheduler, kv = model.scheduler, model.kv
+        view.running = len(scheduler.running)
+        view.waiting = len(scheduler.waiting)
+        view.kv_usage = kv.usage
+        adapters = model.adapters
         if len(adapters) != len(view.adapters) or not view.adapters.issuperset(adapters):
             view.adapters = frozenset(adapters)
+            return True
+        return False
+
+
+@dataclass(slots=True)
+class SimFleetView(FleetView):
+    """A fleet view that remembers each (model, adapter)'s candidates: which engines serve what changes
+    only when an engine's adapters do (simulated engines never turn unhealthy), and policies ask for
+    every request. The simulator calls `forget_candidates` when adapters change."""
+
+    _candidates: dict[tuple[str, str | None], list[EngineView]] = field(default_factory=dict)
+
+    def candidates(self, request: RequestInfo) -> list[EngineView]:
+        key = (request.model, request.adapter)
+        found = self._candidates.get(key)
+        if found is None:
+            found = self._candidates[key] = FleetView.candidates(self, request)
+        return list(found)  # a copy: a policy may reorder what it is given
+
+    def forget_candidates(self) -> None:
+        self._candidates.clear()
 
 
 @dataclass
 class SimFleet:
     engines: list[SimEngine]
-    view: FleetView
+    view: SimFleetView
     skipped: list[str] = field(default_factory=list)  # engines the simulator cannot model, with why
 
     @property
@@ -127,4 +148,4 @@ def build_fleet(config: FleetConfig, catalog: Catalog | None = None) -> SimFleet
                 vocab_size=cost.model.vocab_size,
             )
         )
-    return SimFleet(engines, FleetView({e.engine_id: e.view for e in engines}), skipped)
+    return SimFleet(engines, SimFleetView({e.engine_id: e.view for e in engines}), skipped)

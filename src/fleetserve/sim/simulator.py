@@ -25,8 +25,9 @@ from fleetserve.routing import NoEngineAvailable, Policy, RejectRequest, Request
 from fleetserve.sim.events import VirtualClock, WakeupQueue
 from fleetserve.sim.fleet import SimEngine, SimFleet, build_fleet
 from fleetserve.sim.metrics import SLO, RequestMetrics
+from fleetserve.sim.prompts import LazyPromptTokens
 from fleetserve.sim.result import LoadSeries, SimResult, build_result
-from fleetserve.workload import TraceRequest, prompt_token_ids
+from fleetserve.workload import TraceRequest
 
 ProgressCallback = Callable[[int, int], None]  # (requests arrived so far, total)
 
@@ -67,6 +68,7 @@ class Simulator:
         self.options = options = options or SimOptions()
         self.fleet: SimFleet = build_fleet(config, catalog)
         self.slo = SLO(config.slo.ttft_ms / 1000.0, config.slo.tpot_ms / 1000.0)
+        self._ttft_slo_ms, self._tpot_slo_ms = config.slo.ttft_ms, config.slo.tpot_ms
         self.clock = VirtualClock()
         self.metrics = RequestMetrics(len(self.trace))
         self._wakeups = WakeupQueue(len(self.fleet.engines))
@@ -147,9 +149,12 @@ class Simulator:
         engines = self.fleet.engines
         for key in self._wakeups.pop_due(now):
             self._advance(engines[key], now)
+        adapters_changed = False
         for key in self._stale:
-            engines[key].refresh_view()
+            adapters_changed |= engines[key].refresh_view()
         self._stale.clear()
+        if adapters_changed:
+            self.fleet.view.forget_candidates()
 
     def _advance(self, engine: SimEngine, until: float) -> None:
         result = engine.model.advance(until)
@@ -166,8 +171,7 @@ class Simulator:
         if vocab_size is None:
             metrics.fail(index, "model_not_served")
             return
-        # a list of Python ints: the engine hashes prompt blocks as tuples, much faster than of numpy scalars
-        token_ids = prompt_token_ids(request, vocab_size, index=index, seed=self.options.prompt_seed).tolist()
+        token_ids = LazyPromptTokens(request, vocab_size, index, self.options.prompt_seed)
         output_len = max(request.output_length, 1)
         info = RequestInfo(
             request_id=str(index),
@@ -179,8 +183,8 @@ class Simulator:
             tenant=request.tenant,
             session=request.session,
             priority=request.priority,
-            ttft_slo_ms=self.config.slo.ttft_ms,
-            tpot_slo_ms=self.config.slo.tpot_ms,
+            ttft_slo_ms=self._ttft_slo_ms,
+            tpot_slo_ms=self._tpot_slo_ms,
             arrival_time=now,
         )
         try:
@@ -196,8 +200,16 @@ class Simulator:
             self._advance(engine, now)
         self.policy.on_dispatch(info, engine.engine_id, now)
         engine.dispatch(now)
+        # without hash_ids no other request shares a block of this prompt (its tokens are unique to its
+        # index), so the engine needs its length only
         engine_request = EngineRequest(
-            info.request_id, token_ids, output_len, now, request.adapter, request.priority
+            info.request_id,
+            token_ids,
+            output_len,
+            now,
+            request.adapter,
+            request.priority,
+            unique_prompt=not request.hash_ids,
         )
         try:
             engine.model.add_request(engine_request, now)
@@ -213,6 +225,8 @@ class Simulator:
 
     def _absorb(self, engine: SimEngine, result: StepResult) -> None:
         """Turn an engine's token outputs into request metrics and policy hooks."""
+        if not result.outputs:
+            return
         live_requests = self._live
         metrics = self.metrics
         itl = metrics.itl

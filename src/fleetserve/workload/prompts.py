@@ -28,8 +28,9 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 _BLOCK_DOMAIN = 0x426C6F636B000000
 _UNIQUE_DOMAIN = 0x556E697175650000
 
-# Words that are one token in common BPE vocabularies; prompt text uses one word per token so the text's
-# token count is close to the trace's input length.
+# Words that are one token in common BPE vocabularies and in the emulator's tokenizer (which splits
+# longer words into pieces of four letters); prompt text uses one word per token so the text's token count
+# is close to the trace's input length.
 _WORD_TEXT = """
     the of and to in is for on that by with as at from this be are or it was an which not but all can
     has have more one their will new its also than other about after first time were been two only over
@@ -42,7 +43,7 @@ _WORD_TEXT = """
     white green red blue gold stone tree wood bird fish horse dog cat sea sky sun moon star rain snow wind
     cloud hill lake river road bridge tower train ship plane car bus street garden farm food bread milk tea
     wine salt sugar rice corn apple heart mind eye face voice word page class test rule idea fact truth"""
-WORDS: tuple[str, ...] = tuple(dict.fromkeys(_WORD_TEXT.split()))
+WORDS: tuple[str, ...] = tuple(word for word in dict.fromkeys(_WORD_TEXT.split()) if len(word) <= 4)
 
 
 def _splitmix64(values: np.ndarray) -> np.ndarray:

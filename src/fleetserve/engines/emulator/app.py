@@ -27,7 +27,6 @@ from fleetserve.engines.emulator.driver import EngineDriver, EngineFailed
 from fleetserve.engines.emulator.kv_events import EventFormat, KVEventPublisher
 from fleetserve.engines.emulator.metrics import CONTENT_TYPE, CacheConfig, EmulatorMetrics, EngineState
 from fleetserve.engines.emulator.text import PlannedOutput, PseudoText, plan_output, request_seed
-from fleetserve.engines.emulator.tokenizer import chat_prompt, load_tokenizer
 from fleetserve.model.catalog import Catalog, default_catalog
 from fleetserve.model.cost import CostModel
 from fleetserve.model.engine import EngineModel, RequestRejected, SchedulerConfig
@@ -35,6 +34,7 @@ from fleetserve.model.types import EngineRequest, StepResult, TokenOutput
 from fleetserve.protocol import openai
 from fleetserve.protocol.errors import APIError, error_body
 from fleetserve.protocol.sse import DONE, sse_error, sse_event
+from fleetserve.protocol.tokenizer import chat_prompt, load_tokenizer
 
 DEFAULT_NATURAL_OUTPUT_MEDIAN = 128.0
 
@@ -470,7 +470,7 @@ class _Stream:
         if self.kind == "chat":
             chunks = []
             if first:
-                chunks.append(self._chat_chunk({"role": "assistant", "content": ""}, None, tokens_so_far))
+                chunks.append(self._chat_chunk({"role": "assistant", "content": ""}, None, 0))
             chunks.append(self._chat_chunk({"content": text}, finish_reason, tokens_so_far))
             return b"".join(chunks)
         chunk = openai.completion_chunk(self.response_id, self.created, self.model, text, finish_reason)

@@ -28,6 +28,7 @@ import msgpack
 import zmq
 import zmq.asyncio
 
+from fleetserve.config import kv_event_ports
 from fleetserve.model.types import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 EventFormat = Literal["array", "map"]
@@ -37,9 +38,10 @@ PUB_HIGH_WATER_MARK = 100_000
 
 
 def kv_event_endpoints(host: str, http_port: int) -> tuple[str, str]:
-    """The PUB and replay endpoints an engine of a fleet file uses when it has `kv_events: true`:
-    its HTTP port + 10000 and + 20000."""
-    return f"tcp://{host}:{http_port + 10_000}", f"tcp://{host}:{http_port + 20_000}"
+    """The PUB and replay endpoints an engine of a fleet file uses when it has `kv_events: true`, on the
+    ports every engine kind uses (`config.kv_event_ports`)."""
+    publish, replay = kv_event_ports(http_port)
+    return f"tcp://{host}:{publish}", f"tcp://{host}:{replay}"
 
 
 def encode_event(event: KVEvent, event_format: EventFormat = "array") -> list[Any] | dict[str, Any]:

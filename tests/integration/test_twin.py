@@ -1,0 +1,35 @@
+"""A tiny twin check: a dozen requests through `fleetserve serve -c` (gateway and emulated engines) and
+through the simulator agree on TTFT and TPOT medians.
+
+Deterministic by construction: round robin assigns requests to engines in arrival order on both sides
+(no random tie-breaks, no dependence on load figures), the engines generate exactly the trace's lengths,
+and a time scale of 8 makes every engine iteration last 8x its model time, so the few milliseconds of
+gateway, HTTP and scheduling overhead (and CPU noise from other jobs) are small against the latencies
+compared. The bound (25%) is looser than the benchmark's 10% for the same reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchmarks.twin_check import TwinSettings, check_twin
+
+SETTINGS = TwinSettings(
+    requests=12,
+    rate=8.0,
+    time_scale=8.0,
+    output_tokens=(16, 48),
+    fleet=(("h100", "h100-80g", 2),),
+)
+
+
+def test_live_and_simulated_medians_agree(tmp_path: Path) -> None:
+    (run,) = check_twin(["round_robin"], SETTINGS, tmp_path, progress=lambda line: None)
+
+    assert run.live.completed == run.live.requests == SETTINGS.requests
+    assert run.sim.completed == run.sim.requests == SETTINGS.requests
+    # the same engines got the same requests
+    assert run.live_shares == run.sim_shares == {"h100-0": 6, "h100-1": 6}
+    ttft_error, tpot_error = run.errors()
+    assert ttft_error <= 0.25, (run.live.ttft_ms, run.sim.ttft_ms)
+    assert tpot_error <= 0.25, (run.live.tpot_ms, run.sim.tpot_ms)
