@@ -3,7 +3,8 @@
 One index serves both modes. In approximate mode the router records its own decisions (`record`); in
 precise mode engine KV events add and remove blocks (`add`, `remove`, `clear_engine`, fed by
 `KVEventIndexer`). Each entry maps a chained block hash to a bitmask of engine slots, so a lookup walks
-the prompt's blocks once, AND-ing masks, and stops at the first block no engine holds.
+the prompt's blocks AND-ing masks (galloping, since each engine holds a prefix), and stops at the first
+block no engine holds.
 
 Everything is bounded: `max_entries` and `max_bytes` cap the number of blocks (least recently used goes
 first), and `ttl_s` drops blocks nobody has touched for that long.
@@ -78,7 +79,9 @@ class PrefixIndex:
         bit = 1 << slot
         masks, touched = self._masks, self._touched
         new = 0
-        for block_hash in block_hashes:
+        # tail first: the prompt's first block ends up most recently used, so eviction never takes a parent
+        # before its child and what an engine holds stays a prefix (which `match` relies on)
+        for block_hash in reversed(list(block_hashes)):
             mask = masks.get(block_hash, 0)
             if not mask & bit:
                 masks[block_hash] = mask | bit
@@ -132,22 +135,39 @@ class PrefixIndex:
     # lookups -----------------------------------------------------------------------------------------
 
     def match(self, block_hashes: Sequence[int], now: float | None = None) -> dict[str, int]:
-        """Engine id -> number of leading blocks of the prompt it holds (engines with none are absent)."""
+        """Engine id -> number of leading blocks of the prompt it holds (engines with none are absent).
+
+        An engine's blocks of one prompt form a prefix of it: `add` ages a prompt's blocks tail first,
+        so LRU and TTL eviction take a child before its parent, and engines evict tail first as well. The
+        walk relies on that and gallops: it looks up O(log n) blocks per change in the set of engines
+        still matching instead of every block, which takes an 8k-token prompt from ~500 lookups to ~20."""
         if now is not None:
             self._evict(now)
-        alive = 0
-        for slot in self._engine_of:
-            alive |= 1 << slot
-        matched: dict[str, int] = {}
+        count = len(block_hashes)
         get = self._masks.get
-        for position, block_hash in enumerate(block_hashes):
-            still = alive & get(block_hash, 0)
-            if still != alive:
-                self._settle(alive & ~still, position, matched)
-                alive = still
-                if not alive:
-                    return matched
-        self._settle(alive, len(block_hashes), matched)
+        alive = get(block_hashes[0], 0) if count else 0
+        matched: dict[str, int] = {}
+        position = 0  # every engine in `alive` holds blocks[0..position]
+        while alive:
+            # gallop: the last position at which all of `alive` still hold the block
+            good, step = position, 1
+            probe = position + 1
+            while probe < count and get(block_hashes[probe], 0) & alive == alive:
+                good, step = probe, step * 2
+                probe = good + step
+            bad = min(probe, count)  # all of `alive` hold good, not all hold bad (or bad is the end)
+            while bad - good > 1:
+                middle = (good + bad) // 2
+                if get(block_hashes[middle], 0) & alive == alive:
+                    good = middle
+                else:
+                    bad = middle
+            if bad == count:
+                self._settle(alive, count, matched)
+                break
+            still = alive & get(block_hashes[bad], 0)
+            self._settle(alive & ~still, bad, matched)
+            alive, position = still, bad
         return matched
 
     def _settle(self, mask: int, length: int, matched: dict[str, int]) -> None:
