@@ -104,14 +104,19 @@ def stop(process: subprocess.Popen[bytes]) -> None:
             process.wait(timeout=10)
 
 
-def run_policy(policy: str, args: argparse.Namespace, trace: Path, work: Path) -> tuple[BenchResult, float]:
-    """One run on a fresh fleet; returns the bench result and the fleet's prefix-cache hit rate."""
+def run_policy(
+    policy: str, args: argparse.Namespace, trace: Path, work: Path, kv_events: bool = False
+) -> tuple[BenchResult, float]:
+    """One run on a fresh fleet; returns the bench result and the fleet's prefix-cache hit rate. With
+    `kv_events` the engines publish KV events and the gateway's policies read the precise index they
+    feed instead of learning their own."""
     groups, urls = [], []
     for name, gpu, replicas in FLEET:
         for index in range(replicas):
             port = free_port()
             urls.append(f"http://127.0.0.1:{port}")
-            groups.append({"name": f"{name}-{index}", "model": MODEL, "gpu": gpu, "port": port})
+            group = {"name": f"{name}-{index}", "model": MODEL, "gpu": gpu, "port": port}
+            groups.append({**group, "kv_events": True} if kv_events else group)
     engines_file = work / f"engines-{policy}.yaml"
     engines_file.write_text(
         yaml.safe_dump({"engines": [{**g, "time_scale": args.time_scale} for g in groups]})
@@ -119,7 +124,7 @@ def run_policy(policy: str, args: argparse.Namespace, trace: Path, work: Path) -
     gateway_port = free_port()
     gateway_file = work / f"gateway-{policy}.yaml"
     external = [
-        {"name": g["name"], "model": MODEL, "gpu": g["gpu"], "url": url}
+        {"name": g["name"], "model": MODEL, "gpu": g["gpu"], "url": url, "kv_events": kv_events}
         for g, url in zip(groups, urls, strict=True)
     ]
     gateway_file.write_text(
@@ -227,10 +232,16 @@ def main() -> None:
     parser.add_argument("--time-scale", type=float, default=1.0, help="stretch engine durations")
     parser.add_argument("--ttft-slo-ms", type=float, default=2000.0)
     parser.add_argument("--tpot-slo-ms", type=float, default=100.0)
+    parser.add_argument(
+        "--precise",
+        default="prefix_aware,kv_cost",
+        help="policies to run once more with engine KV events feeding a precise prefix index ('' for none)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md")
     args = parser.parse_args()
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    unknown = sorted(set(policies) - set(POLICIES))
+    precise = [p.strip() for p in args.precise.split(",") if p.strip()]
+    unknown = sorted(set(policies + precise) - set(POLICIES))
     if unknown:
         parser.error(f"unknown policies {unknown}; valid: {sorted(POLICIES)}")
 
@@ -239,13 +250,14 @@ def main() -> None:
         work = Path(tmp)
         trace = trace_slice(args.window_s, args.conversation_every, args.length_scale, work)
         requests = sum(1 for _ in trace.open())
-        for policy in policies:
+        runs = [(policy, False) for policy in policies] + [(policy, True) for policy in precise]
+        for policy, kv_events in runs:
             started = time.monotonic()
-            result, hit_rate = run_policy(policy, args, trace, work)
+            result, hit_rate = run_policy(policy, args, trace, work, kv_events)
             s = result.summary
             attainment = s.goodput * s.duration_s / s.sent if s.goodput is not None and s.sent else None
             cells = [
-                policy,
+                f"{policy} (KV events)" if kv_events else policy,
                 f"{s.completed}/{s.sent}",
                 fmt(s.ttft_ms.median),
                 fmt(s.ttft_ms.p99),
@@ -281,6 +293,9 @@ def main() -> None:
             f"recorded, arrivals sped up {args.rate_scale}x, streaming completions",
             f"- SLO: TTFT <= {args.ttft_slo_ms:.0f} ms and TPOT <= {args.tpot_slo_ms:.0f} ms; prefix hits = "
             "the engines' vllm:prefix_cache_hits_total / queries_total over the run; latencies in ms",
+            "- prefix knowledge: approximate (each cache-aware policy learns from its own routing decisions)"
+            " unless the row says `(KV events)`: then the engines publish vLLM-format KV events over ZMQ"
+            " and the gateway's precise index, fed by them, is what the policy reads",
             "",
             header,
             "|---|---|---|---|---|---|---|---|",

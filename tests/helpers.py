@@ -26,12 +26,12 @@ def free_ports(count: int, host: str = "127.0.0.1") -> int:
     """The first of `count` consecutive free ports, for commands that take a base port."""
     for _ in range(100):
         base = free_port(host)
-        if base + count <= 65535 and all(_is_free(base + offset, host) for offset in range(1, count)):
+        if base + count <= 65535 and all(port_is_free(base + offset, host) for offset in range(1, count)):
             return base
     raise RuntimeError(f"found no {count} consecutive free ports")
 
 
-def _is_free(port: int, host: str) -> bool:
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
             sock.bind((host, port))

@@ -52,7 +52,8 @@ class Gateway:
         if policy is not None and policy != router.policy:
             router = router.model_copy(update={"policy": policy, "params": {}})
         self.registry = EngineRegistry()
-        self.metrics = GatewayMetrics(self.registry)
+        self.kv_events: KVEventHub | None = None  # follows the engines that publish KV events, once started
+        self.metrics = GatewayMetrics(self.registry, lambda: self.kv_events)
         self.models = ModelIndex(self.registry, time.time)
         self.views = ViewBuilder(self.registry, catalog)
         self.dispatcher = Dispatcher(router, self.registry, self.views, self.metrics, seed)
@@ -73,7 +74,6 @@ class Gateway:
         # engines that publish KV events, with their (publish, replay) endpoints; while any is followed the
         # policies read the fleet's precise prefix index instead of learning their own
         self._kv_endpoints: dict[str, tuple[str, str | None]] = {}
-        self.kv_events: KVEventHub | None = None
         for instance in config.instances():
             group = instance.group
             self.add_engine(

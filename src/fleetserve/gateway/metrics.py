@@ -6,12 +6,13 @@ collide; engine state is exported by a collector that reads the registry at scra
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from fleetserve.fleet.kv_events import KVEventHub
 from fleetserve.fleet.registry import EngineRegistry
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -19,7 +20,9 @@ TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 
 
 
 class GatewayMetrics:
-    def __init__(self, engines: EngineRegistry) -> None:
+    def __init__(
+        self, engines: EngineRegistry, kv_events: Callable[[], KVEventHub | None] = lambda: None
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "fleetserve_gateway_requests",
@@ -71,17 +74,18 @@ class GatewayMetrics:
             "Requests admitted by the gateway and not yet answered.",
             registry=self.registry,
         )
-        self.registry.register(_EngineCollector(engines))
+        self.registry.register(_EngineCollector(engines, kv_events))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class _EngineCollector(Collector):
-    def __init__(self, engines: EngineRegistry) -> None:
+    def __init__(self, engines: EngineRegistry, kv_events: Callable[[], KVEventHub | None]) -> None:
         self._engines = engines
+        self._kv_events = kv_events
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         labels = ["engine", "model", "gpu"]
         in_flight = GaugeMetricFamily(
             "fleetserve_engine_in_flight", "Requests the gateway has on the engine.", labels=labels
@@ -109,3 +113,30 @@ class _EngineCollector(Collector):
                 if metrics.kv_usage is not None:
                     kv_usage.add_metric(values, metrics.kv_usage)
         yield from (in_flight, routable, running, waiting, kv_usage)
+        hub = self._kv_events()
+        if hub is not None:
+            yield from _kv_event_families(hub)
+
+
+def _kv_event_families(hub: KVEventHub) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """What the precise prefix index knows per followed engine, and how its event stream is doing."""
+    blocks = GaugeMetricFamily(
+        "fleetserve_engine_prefix_index_blocks",
+        "Blocks the precise prefix index (fed by the engine's KV events) says the engine holds.",
+        labels=["engine"],
+    )
+    counters = {
+        name: CounterMetricFamily(f"fleetserve_kv_events_{name}", help_text, labels=["engine"])
+        for name, help_text in (
+            ("batches", "KV-event batches applied, live or replayed."),
+            ("gaps", "Sequence gaps seen on the live KV-event stream."),
+            ("replayed", "KV-event batches recovered through the replay socket."),
+            ("resets", "Times the engine's blocks were forgotten (replay impossible, or restart)."),
+        )
+    }
+    for engine_id, subscriber in hub.subscribers.items():
+        blocks.add_metric([engine_id], hub.index.engine_blocks(engine_id))
+        for name, family in counters.items():
+            family.add_metric([engine_id], getattr(subscriber.stats, name))
+    yield blocks
+    yield from counters.values()
