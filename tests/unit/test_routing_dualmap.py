@@ -174,3 +174,34 @@ def test_without_tokens_a_session_still_sticks() -> None:
 def test_one_candidate() -> None:
     policy = DualMapPolicy()
     assert policy.choose(request("1", SYSTEM), fleet(*engines(1)), 0.0) == Decision("e0", "only_candidate")
+
+
+def test_a_prefix_most_engines_hold_does_not_pin_every_request_to_one_pair() -> None:
+    """Every prompt starts with the same system prompt (as every Mooncake request does): once most of the
+    fleet holds it, the key moves past it, and distinct conversations spread over the fleet again."""
+    policy = DualMapPolicy(prefix_blocks=2)
+    view = fleet(*engines(8))
+    shared = SYSTEM + [1] * 16 * 4  # 12 blocks every request starts with
+    held = _hashes(policy, shared, view)
+    for engine in view.engines:  # the system prompt is already cached on most engines
+        if engine != "e7":
+            policy.prefixes.own.record(held, engine, 0.0)
+    chosen = Counter()
+    for conversation in range(400):
+        req = request(str(conversation), shared + [conversation + 10_000] * 16 * 3)
+        chosen[policy.choose(req, view, 0.0).engine_id] += 1
+    assert len(chosen) >= 6, chosen
+
+
+def test_the_common_prefix_is_what_at_least_the_shared_fraction_of_candidates_hold() -> None:
+    policy = DualMapPolicy(shared_fraction=0.5)
+    assert policy.common_blocks({"e0": 9, "e1": 5, "e2": 3, "e3": 3}, 8) == 3
+    assert policy.common_blocks({"e0": 9, "e1": 5, "e2": 3}, 8) == 0  # held by fewer than 4 of 8
+    assert policy.common_blocks({"e0": 9, "e1": 5}, 2) == 5  # needs two holders at least
+
+
+def _hashes(policy: DualMapPolicy, tokens: list[int], view: FleetView) -> list[int]:
+    req = request("hash", tokens)
+    policy.prefixes.match(req, view, view.engines.values(), 0.0)
+    assert req.block_hashes is not None
+    return list(req.block_hashes)
