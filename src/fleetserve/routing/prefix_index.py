@@ -12,6 +12,7 @@ first), and `ttl_s` drops blocks nobody has touched for that long.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -38,7 +39,9 @@ class PrefixIndex:
         self.capacity = min(max_entries, max_bytes // BYTES_PER_ENTRY)
         self.ttl_s = ttl_s
         self._masks: dict[int, int] = {}
-        self._touched: dict[int, float] = {}  # insertion order is recency order: oldest first
+        # recency order, oldest first. An OrderedDict, not a dict: finding a dict's first key walks over
+        # every slot deleted before it, so LRU eviction from a plain dict grows quadratic with churn
+        self._touched: OrderedDict[int, float] = OrderedDict()
         self._slot_of: dict[str, int] = {}
         self._engine_of: dict[int, str] = {}
         self._free_slots: list[int] = []
@@ -86,8 +89,8 @@ class PrefixIndex:
             if not mask & bit:
                 masks[block_hash] = mask | bit
                 new += 1
-            touched.pop(block_hash, None)
             touched[block_hash] = now
+            touched.move_to_end(block_hash)
         self._blocks_of_slot[slot] = self._blocks_of_slot.get(slot, 0) + new
         self._evict(now)
 
@@ -113,10 +116,10 @@ class PrefixIndex:
         touched, masks = self._touched, self._masks
         horizon = now - self.ttl_s
         while touched:
-            oldest = next(iter(touched))
+            oldest, touched_at = next(iter(touched.items()))
             if len(touched) > self.capacity:
                 self._evicted_lru += 1
-            elif touched[oldest] < horizon:
+            elif touched_at < horizon:
                 self._evicted_ttl += 1
             else:
                 return
