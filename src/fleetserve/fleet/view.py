@@ -13,8 +13,9 @@ engine's queue, so the estimate is deliberately simple:
 where both prefills are `CostModel.iteration_time` of one chunk on an otherwise idle engine, and
 `queued_ahead = max(scraped waiting, in_flight - scraped running)`: the scrape lags, while requests the
 gateway dispatched beyond what the engine last reported running are queued there (or on their way).
-It ignores the decode batch sharing each iteration and an emulated engine's `time_scale`; the simulator
-uses the engine model's own `predict_ttft`, which sees the queue exactly.
+It ignores the decode batch sharing each iteration (an emulated engine's `time_scale` stretches it like
+every other duration); the simulator uses the engine model's own `predict_ttft`, which sees the queue
+exactly.
 """
 
 from __future__ import annotations
