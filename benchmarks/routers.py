@@ -1,7 +1,9 @@
 """fleetserve side by side with the peer routers, on the same emulated engines, trace and arrivals.
 
-    bash benchmarks/peers/install.sh            # once: the peers, each in its own venv
-    python benchmarks/routers.py [--quick] [--only NAME ...] [--no-append]
+    python benchmarks/routers.py [--quick] [--only NAME ...] [--no-append] [--no-install]
+
+The first run installs the peers (`benchmarks/peers/install.sh`: each in its own venv under
+benchmarks/.peers/, a few minutes) unless --no-install.
 
 Contenders: fleetserve's gateway once per registered routing policy, SGLang's router (cache_aware and
 round_robin), vLLM's router (cache_aware) and LiteLLM's proxy (simple-shuffle). A peer that is not
@@ -906,6 +908,10 @@ async def main(args: argparse.Namespace) -> None:
     workdir = ROOT / "out" / "routers" / stamp
     workdir.mkdir(parents=True, exist_ok=True)
     all_contenders = contenders(QUICK_POLICIES if args.quick else None)
+    if not args.no_install and any(c.missing for c in select(all_contenders, args.only)):
+        print("installing the peer routers: bash benchmarks/peers/install.sh", flush=True)
+        subprocess.run(["bash", str(Path(__file__).with_name("peers") / "install.sh")], check=True)
+        all_contenders = contenders(QUICK_POLICIES if args.quick else None)
     chosen = select(all_contenders, args.only)
     runnable = [c for c in chosen if c.missing is None]
     for contender in chosen:
@@ -965,6 +971,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--no-append", action="store_true", help="do not append to docs/benchmarks.md")
+    parser.add_argument("--no-install", action="store_true", help="skip peers that are not installed")
     return parser.parse_args(argv)
 
 
