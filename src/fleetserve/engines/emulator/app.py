@@ -37,6 +37,10 @@ from fleetserve.protocol.sse import DONE, sse_error, sse_event
 from fleetserve.protocol.tokenizer import chat_prompt, load_tokenizer
 
 DEFAULT_NATURAL_OUTPUT_MEDIAN = 128.0
+_FLUSH_CACHE_TEXT = (
+    "Cache flushed.\nPlease check backend logs for more details. "
+    "(When there are running or waiting requests, the operation will not be performed.)\n"
+)
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,13 @@ class EmulatedEngine:
                 Route("/health", self._health, methods=["GET"]),
                 Route("/ping", self._health, methods=["GET", "POST"]),
                 Route("/version", self._version, methods=["GET"]),
+                # what peer routers ask a worker (SGLang's names, old and new; vLLM's cache reset)
+                Route("/get_server_info", self._server_info, methods=["GET"]),
+                Route("/server_info", self._server_info, methods=["GET"]),
+                Route("/get_model_info", self._model_info, methods=["GET"]),
+                Route("/model_info", self._model_info, methods=["GET"]),
+                Route("/reset_prefix_cache", self._reset_prefix_cache, methods=["POST"]),
+                Route("/flush_cache", self._flush_cache, methods=["GET", "POST"]),
                 Route("/metrics", self._metrics, methods=["GET"]),
                 Route("/v1/models", self._models, methods=["GET"]),
                 Route("/tokenize", self._tokenize, methods=["POST"]),
@@ -170,6 +181,83 @@ class EmulatedEngine:
             raise APIError(400, str(error), error_type="BadRequestError") from None
         del self.adapters[name]
 
+    def reset_prefix_cache(self, require_idle: bool = False) -> bool:
+        """Forget every cached prompt block, as vLLM's `reset_prefix_cache()`: False (and nothing changes)
+        while a request holds KV blocks, or with `require_idle` (SGLang's rule) while any request is
+        running or waiting. The `AllBlocksCleared` event goes out at once, not with the next iteration, so
+        a subscribed router drops its view of this engine's cache together with the engine."""
+
+        def reset(now: float) -> bool:
+            if require_idle:
+                metrics = self.engine.metrics
+                if metrics.num_running or metrics.num_waiting:
+                    return False
+            done = self.engine.reset_prefix_cache()
+            kv = self.engine.kv
+            if kv.has_events:
+                events = kv.take_events()
+                if self.publisher is not None:
+                    self.publisher.publish(events)
+            return done
+
+        return self.driver.apply(reset)
+
+    def server_info(self) -> dict[str, Any]:
+        """SGLang's `/server_info` body: its server args, its scheduler info, `internal_states` (one per
+        data-parallel rank) and `version`, reduced to the fields that have an equivalent here. Routers read
+        `model_path` (the model id is its last path segment), `dp_size` and the capacity fields.
+        `model_path` is the served name, never a path, and there is no `tokenizer_path`: a router given one
+        tries to load that tokenizer, and an emulated engine has none to offer."""
+        args = self.spec.engine_args
+        metrics = self.engine.metrics
+        kv_tokens = metrics.num_gpu_blocks * metrics.block_size
+        return {
+            "model_path": self.served_model_name,
+            "served_model_name": self.served_model_name,
+            "context_length": self.max_model_len,
+            "tp_size": self.spec.tp,
+            "dp_size": 1,
+            "pp_size": 1,
+            "max_running_requests": args.max_num_seqs,
+            "max_total_tokens": kv_tokens,
+            "max_prefill_tokens": args.max_num_batched_tokens,
+            # SGLang's -1 means chunked prefill is off
+            "chunked_prefill_size": args.max_num_batched_tokens if args.enable_chunked_prefill else -1,
+            "page_size": metrics.block_size,
+            "schedule_policy": args.scheduling_policy,
+            "mem_fraction_static": args.gpu_memory_utilization,
+            "disable_radix_cache": not args.enable_prefix_caching,
+            "enable_lora": args.max_loras > 0,
+            "max_loras_per_batch": args.max_loras,
+            "max_lora_rank": args.max_lora_rank,
+            "stream_interval": self.spec.stream_interval,
+            "disaggregation_mode": "null",
+            "max_total_num_tokens": kv_tokens,
+            "max_req_input_len": self.max_model_len - 1,
+            "internal_states": [
+                {
+                    "memory_usage": {"token_capacity": kv_tokens},
+                    "waiting_queue_size": metrics.num_waiting,
+                    "running_batch_size": metrics.num_running,
+                }
+            ],
+            "version": __version__,
+        }
+
+    def model_info(self) -> dict[str, Any]:
+        """SGLang's `/model_info` body. `tokenizer_path` is null (see `server_info`): the routers read it
+        only when it is a non-empty string."""
+        return {
+            "model_path": self.served_model_name,
+            "tokenizer_path": None,
+            "served_model_name": self.served_model_name,
+            "is_generation": True,
+            "preferred_sampling_params": None,
+            "weight_version": "default",
+            "has_image_understanding": False,
+            "has_audio_understanding": False,
+        }
+
     def _resolve_adapter(self, model: str | None) -> str | None:
         """The adapter a request names; None for the base model. Unknown names get vLLM's 404."""
         if model is None or model == self.served_model_name:
@@ -187,6 +275,24 @@ class EmulatedEngine:
 
     async def _version(self, request: Request) -> Response:
         return _json({"version": __version__})
+
+    async def _server_info(self, request: Request) -> Response:
+        return _json(self.server_info())
+
+    async def _model_info(self, request: Request) -> Response:
+        return _json(self.model_info())
+
+    async def _reset_prefix_cache(self, request: Request) -> Response:
+        # vLLM answers 200 with an empty body, and 409 when running requests hold blocks. Its
+        # `reset_running_requests=true` (preempt them first) is not emulated: the answer is still 409.
+        if not self.reset_prefix_cache():
+            return _json(error_body(409, "Prefix cache reset failed.", error_type="Conflict"), status=409)
+        return Response(status_code=200)
+
+    async def _flush_cache(self, request: Request) -> Response:
+        # SGLang flushes only when no request is running or waiting, and answers the same text either way
+        flushed = self.reset_prefix_cache(require_idle=True)
+        return PlainTextResponse(_FLUSH_CACHE_TEXT, status_code=200 if flushed else 400)
 
     async def _metrics(self, request: Request) -> Response:
         return Response(self.metrics.exposition(), media_type=CONTENT_TYPE)
