@@ -6,13 +6,22 @@ validates it into typed objects and reports a bad key with its path and line in 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 EngineKind = Literal["emulated", "llamacpp", "vllm", "sglang", "external"]
 MetricsDialect = Literal["vllm", "sglang", "trtllm", "llamacpp", "none"]
@@ -73,6 +82,36 @@ class EngineGroup(_Strict):
         " started that way; an external engine must be.",
     )
     engine_args: EngineArgs = Field(default_factory=EngineArgs, description="Engine-side knobs.")
+    tokenizer: str | None = Field(
+        None,
+        min_length=1,
+        description="Path to the model's Hugging Face tokenizer.json (relative to the fleet file). The"
+        " gateway tokenizes prompts of this model with it for cache-aware routing, and emulated engines"
+        " count tokens with it; unset, both use the built-in hashing tokenizer. It belongs to the model:"
+        " every line of the same `model` uses it, and two lines may not name different files.",
+    )
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _load_tokenizer(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """Resolve the path against the fleet file's folder and check that the file loads, so a bad
+        path fails when the fleet file is read rather than when the gateway or an engine starts."""
+        if value is None:
+            return None
+        from fleetserve.protocol.tokenizer import json_tokenizer
+
+        path = Path(value).expanduser()
+        base_dir = (info.context or {}).get("base_dir")
+        if not path.is_absolute() and base_dir is not None:
+            path = Path(base_dir) / path
+        path = Path(os.path.normpath(path.absolute()))
+        if not path.is_file():
+            raise ValueError(f"tokenizer file {path} does not exist")
+        try:
+            json_tokenizer(path)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot load tokenizer file {path}: {exc}") from None
+        return str(path)
 
     @model_validator(mode="before")
     @classmethod
@@ -136,6 +175,26 @@ class FleetConfig(_Strict):
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     emulator: EmulatorConfig = Field(default_factory=EmulatorConfig)
 
+    @field_validator("engines")
+    @classmethod
+    def _one_tokenizer_per_model(cls, engines: list[EngineGroup]) -> list[EngineGroup]:
+        named: dict[str, tuple[int, EngineGroup]] = {}
+        for index, group in enumerate(engines):
+            if group.tokenizer is None:
+                continue
+            first = named.setdefault(group.model, (index, group))
+            if first[1].tokenizer != group.tokenizer:
+                raise ValueError(
+                    f"engines[{index}].tokenizer: {group.name} names {group.tokenizer}, but"
+                    f" engines[{first[0]}] ({first[1].name}) names {first[1].tokenizer} for the same"
+                    f" model {group.model!r}; engines of one model share one tokenizer"
+                )
+        return engines
+
+    def model_tokenizers(self) -> dict[str, str]:
+        """model -> the tokenizer.json the fleet file names for it (on any of its lines)."""
+        return {group.model: group.tokenizer for group in self.engines if group.tokenizer is not None}
+
     @model_validator(mode="after")
     def _unique_names(self) -> FleetConfig:
         names = [group.name for group in self.engines]
@@ -197,10 +256,12 @@ def load_fleet(path: str | Path) -> FleetConfig:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the fleet file: {exc.strerror}") from exc
-    return parse_fleet(text, source=str(path))
+    return parse_fleet(text, source=str(path), base_dir=path.parent)
 
 
-def parse_fleet(text: str, source: str = "<fleet>") -> FleetConfig:
+def parse_fleet(text: str, source: str = "<fleet>", base_dir: str | Path | None = None) -> FleetConfig:
+    """Validate a fleet file's text. Relative file paths in it (`tokenizer:`) are taken from `base_dir`,
+    the fleet file's folder, else from the current directory."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -209,7 +270,7 @@ def parse_fleet(text: str, source: str = "<fleet>") -> FleetConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a fleet file is a mapping with an `engines:` list")
     try:
-        return FleetConfig.model_validate(data)
+        return FleetConfig.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
         lines = []
         for error in exc.errors():

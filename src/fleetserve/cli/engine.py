@@ -139,7 +139,6 @@ def emulate(
     overrides = {name: value for name, value in engine_args.items() if value is not None}
     shared = {
         "stream_interval": stream_interval,
-        "tokenizer_file": tokenizer_file,
         "natural_output_median": natural_output_median,
         "catalog_file": catalog_file,
     }
@@ -158,8 +157,16 @@ def emulate(
             args = spec.engine_args.model_copy(update=overrides) if overrides else spec.engine_args
             scale = time_scale if time_scale is not None else spec.time_scale
             context = max_model_len if max_model_len is not None else spec.max_model_len
+            tokenizer = tokenizer_file or spec.tokenizer_file  # --tokenizer overrides the fleet file's
             specs.append(
-                dataclasses.replace(spec, engine_args=args, time_scale=scale, max_model_len=context, **shared)
+                dataclasses.replace(
+                    spec,
+                    engine_args=args,
+                    time_scale=scale,
+                    max_model_len=context,
+                    tokenizer_file=tokenizer,
+                    **shared,
+                )
             )
         ports = [port for _, port in planned]
         host = host or fleet.emulator.host
@@ -191,6 +198,7 @@ def emulate(
                 max_model_len=max_model_len,
                 lora_modules=tuple(_lora_module(item) for item in lora_modules),
                 kv_events=kv_events,
+                tokenizer_file=tokenizer_file,
                 **shared,  # type: ignore[arg-type]
             )
         ]

@@ -65,7 +65,7 @@ class Gateway:
             self.session,
             router.debug_header,
             slo=config.slo,
-            tokenizer=PromptTokenizer(catalog or default_catalog()),
+            tokenizer=PromptTokenizer(catalog or default_catalog(), config.model_tokenizers()),
         )
         self._session: aiohttp.ClientSession | None = None
         self._health: HealthChecker | None = None

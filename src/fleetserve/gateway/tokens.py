@@ -2,24 +2,41 @@
 
 Cache-aware routing needs the same block hashes the engine's prefix cache uses, so the gateway must
 tokenize exactly as the engine does: for completions the prompt text (or the token ids sent), for chat
-the conversation rendered by the chat template, so that turn n+1 starts with the blocks of turn n. This
-is the emulated engine's tokenizer and template; a model the catalog does not know gets no token ids and
-is routed by load alone.
+the conversation rendered by the chat template, so that turn n+1 starts with the blocks of turn n.
+
+The tokenizer is, per model, the `tokenizer:` file the fleet file names for it (the emulated engines of
+that model count with the same file), else the emulated engine's built-in hashing tokenizer sized to the
+catalog's vocabulary. The chat template is always the emulated engine's generic one (`chat_prompt`): with
+a real tokenizer, completions prompts hash exactly as a real engine's do, chat prompts only as an
+emulated engine's. A model with neither a tokenizer file nor a catalog entry gets no token ids and is
+routed by load alone.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+from fleetserve.config import ConfigError
 from fleetserve.gateway.admission import Endpoint
 from fleetserve.model.catalog import Catalog, UnknownEntry
-from fleetserve.protocol.tokenizer import HashTokenizer, chat_prompt
+from fleetserve.protocol.tokenizer import HashTokenizer, Tokenizer, chat_prompt, json_tokenizer
 
 
 class PromptTokenizer:
-    def __init__(self, catalog: Catalog) -> None:
+    """`tokenizer_files` maps a base model name to its tokenizer.json (`FleetConfig.model_tokenizers`);
+    they are loaded here, so a file that does not load fails at startup with a `ConfigError`."""
+
+    def __init__(self, catalog: Catalog, tokenizer_files: Mapping[str, str | Path] | None = None) -> None:
         self._catalog = catalog
-        self._tokenizers: dict[str, HashTokenizer | None] = {}
+        self._tokenizers: dict[str, Tokenizer | None] = {}
+        for model, path in (tokenizer_files or {}).items():
+            try:
+                self._tokenizers[model] = json_tokenizer(path)
+            except (OSError, ValueError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                raise ConfigError(f"model {model!r}: cannot load tokenizer file {path}: {reason}") from None
 
     def token_ids(self, payload: dict[str, Any], endpoint: Endpoint, model: str) -> list[int] | None:
         """The prompt's token ids for base model `model`, or None when they cannot be known."""
@@ -37,7 +54,7 @@ class PromptTokenizer:
             return prompt
         return None
 
-    def _tokenizer(self, model: str) -> HashTokenizer | None:
+    def _tokenizer(self, model: str) -> Tokenizer | None:
         if model not in self._tokenizers:
             try:
                 self._tokenizers[model] = HashTokenizer(self._catalog.model(model).vocab_size)

@@ -67,7 +67,24 @@ class JsonTokenizer:
 
 
 def load_tokenizer(vocab_size: int, tokenizer_file: str | Path | None = None) -> Tokenizer:
-    return JsonTokenizer(tokenizer_file) if tokenizer_file else HashTokenizer(vocab_size)
+    return json_tokenizer(tokenizer_file) if tokenizer_file else HashTokenizer(vocab_size)
+
+
+def json_tokenizer(path: str | Path) -> JsonTokenizer:
+    """The tokenizer of `path`, loaded once per process while the file is unchanged: the fleet file's
+    validation, the gateway and every emulated replica of a model share one. Raises OSError when the
+    file cannot be read, ValueError when it is not a tokenizer.json."""
+    resolved = Path(path).absolute()
+    stat = resolved.stat()  # OSError (e.g. FileNotFoundError) for a missing file
+    return _cached_json_tokenizer(str(resolved), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=16)
+def _cached_json_tokenizer(path: str, mtime_ns: int, size: int) -> JsonTokenizer:
+    try:
+        return JsonTokenizer(path)
+    except Exception as exc:  # the tokenizers package raises bare Exceptions for a malformed file
+        raise ValueError(f"not a Hugging Face tokenizer.json ({exc})") from exc
 
 
 def chat_prompt(messages: Sequence[tuple[str, str]]) -> str:

@@ -34,8 +34,10 @@ class RunningEngine:
 def specs_from_fleet(fleet: FleetConfig) -> list[tuple[EmulatorSpec, int]]:
     """Every emulated replica of a fleet file with its port. Adapters listed for a group are loaded at
     start under their name (the name doubles as the path); `kv_events: true` publishes on the ports
-    given by `kv_event_endpoints`."""
+    given by `kv_event_endpoints`. Engines count tokens with the tokenizer the fleet file names for
+    their model (the one the gateway hashes prompts with), else with the built-in one."""
     host = fleet.emulator.host
+    tokenizers = fleet.model_tokenizers()
     out: list[tuple[EmulatorSpec, int]] = []
     for instance in fleet.instances():
         group = instance.group
@@ -52,6 +54,7 @@ def specs_from_fleet(fleet: FleetConfig) -> list[tuple[EmulatorSpec, int]]:
             time_scale=group.time_scale,
             lora_modules=tuple((name, name) for name in group.adapters),
             kv_events=kv_events,
+            tokenizer_file=tokenizers.get(group.model),
         )
         out.append((spec, instance.port))
     return out
