@@ -133,3 +133,45 @@ def metric_value(gateway: Process, name: str, **labels: str) -> float | None:
         if all(f'{key}="{wanted}"' in series for key, wanted in labels.items()):
             total = float(value) + (total or 0.0)
     return total
+
+
+class Serve:
+    """A `fleetserve serve` process in its own session, with its output in a file."""
+
+    def __init__(self, tmp_path: Path, fleet: dict[str, object], *args: str) -> None:
+        self.config = tmp_path / "fleet.yaml"
+        self.config.write_text(yaml.safe_dump(fleet))
+        self.log = tmp_path / "serve.log"
+        self.tmp = tmp_path / "tmp"  # serve's temporary files (the emulator's fleet file, engine logs)
+        self.tmp.mkdir()
+        with self.log.open("wb") as out:
+            self.popen = subprocess.Popen(
+                [str(FLEETSERVE), "serve", "-c", str(self.config), *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, "TMPDIR": str(self.tmp)},
+            )
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def descendants(self) -> set[int]:
+        """Every process below serve, read from /proc (children of each of its threads, recursively)."""
+        found: set[int] = set()
+        pending = [self.popen.pid]
+        while pending:
+            pid = pending.pop()
+            for children in Path(f"/proc/{pid}/task").glob("*/children"):
+                try:
+                    kids = {int(child) for child in children.read_text().split()}
+                except OSError:
+                    continue
+                pending += sorted(kids - found)
+                found |= kids
+        return found
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait(timeout=10)

@@ -3,65 +3,20 @@ through the gateway with the official client, and no process left behind after S
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import socket
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
-import yaml
 from tests.helpers import free_port, free_ports, pid_alive, wait_until
-from tests.integration.gateway_harness import answers
+from tests.integration.gateway_harness import Serve, answers
 
 FLEETSERVE = Path(sys.executable).with_name("fleetserve")
 MESSAGES = [{"role": "user", "content": "Which GPU should serve me?"}]
-
-
-class Serve:
-    """A `fleetserve serve` process in its own session, with its output in a file."""
-
-    def __init__(self, tmp_path: Path, fleet: dict[str, object], *args: str) -> None:
-        self.config = tmp_path / "fleet.yaml"
-        self.config.write_text(yaml.safe_dump(fleet))
-        self.log = tmp_path / "serve.log"
-        self.tmp = tmp_path / "tmp"  # serve's temporary files (the emulator's fleet file, engine logs)
-        self.tmp.mkdir()
-        with self.log.open("wb") as out:
-            self.popen = subprocess.Popen(
-                [str(FLEETSERVE), "serve", "-c", str(self.config), *args],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env={**os.environ, "TMPDIR": str(self.tmp)},
-            )
-
-    def output(self) -> str:
-        return self.log.read_text()
-
-    def descendants(self) -> set[int]:
-        """Every process below serve, read from /proc (children of each of its threads, recursively)."""
-        found: set[int] = set()
-        pending = [self.popen.pid]
-        while pending:
-            pid = pending.pop()
-            for children in Path(f"/proc/{pid}/task").glob("*/children"):
-                try:
-                    kids = {int(child) for child in children.read_text().split()}
-                except OSError:
-                    continue
-                pending += sorted(kids - found)
-                found |= kids
-        return found
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        self.popen.wait(timeout=10)
 
 
 @pytest.fixture
