@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from fleetserve.model.kvcache import hash_prompt_blocks
 from fleetserve.routing import Decision, EngineView, FleetView, NoEngineAvailable, RequestInfo, make_policy
 from fleetserve.routing.cache_aware import KVCostPolicy, PrefixAwarePolicy
-from fleetserve.routing.prefix import request_block_hashes
+from fleetserve.routing.prefix import PENDING_TTL_S, request_block_hashes
 from fleetserve.routing.prefix_index import PrefixIndex
 
 SYSTEM = list(range(1000, 1000 + 16 * 8))  # an 8-block shared system prompt
@@ -131,6 +131,20 @@ def test_prefix_aware_reads_the_precise_index_and_leaves_it_alone() -> None:
     assert decision.engine_id == "b" and decision.reason == "cache_hit"
     assert precise.engine_blocks("b") == 8  # the dispatch did not write the 9th block into it
     assert len(policy.prefixes.own) == 0
+
+
+def test_precise_mode_counts_its_own_recent_dispatches_until_the_events_catch_up() -> None:
+    """A burst sharing a new prefix: the engines have not reported it yet (their prefill has not run), so
+    without the pending dispatches every request of the burst would look like a miss and scatter."""
+    precise = PrefixIndex()  # empty: no engine has reported anything
+    policy = PrefixAwarePolicy(seed=0)
+    view = fleet(engine("a"), engine("b"), engine("c"), prefix_index=precise)
+    first = route(policy, request("r0", SYSTEM + [1] * 16), view, now=0.0)
+    follower = route(policy, request("r1", SYSTEM + [2] * 16), view, now=1.0)
+    assert follower == Decision(first.engine_id, "cache_hit")
+    assert len(precise) == 0  # still never written
+    later = policy.choose(request("r2", SYSTEM + [3] * 16), view, PENDING_TTL_S + 2.0)
+    assert later.reason != "cache_hit"  # the engines never confirmed it: the pending claim has expired
 
 
 def test_prefix_aware_skips_unhealthy_and_other_models() -> None:

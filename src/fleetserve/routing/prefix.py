@@ -8,7 +8,10 @@ computed once per request, with the block size of the engines that may serve it,
 `PrefixMatcher` hides the two ways of knowing who holds what:
 
 - precise: the fleet view carries a prefix index fed by the engines' own KV events (the live fleet
-  layer's ZMQ subscribers, or the simulator reading its engine models), and the matcher only reads it;
+  layer's ZMQ subscribers), and the matcher never writes it. An engine reports a prompt's blocks only
+  once their prefill has run, so a burst of requests sharing a new prefix would each find no holder and
+  scatter; the matcher therefore also remembers where it sent each prompt for `PENDING_TTL_S` (long
+  enough for the events to catch up) and counts those blocks as held too;
 - approximate: no such index, so the matcher keeps its own, learned from where it sent requests (what
   SGLang's cache_aware router and Dynamo's `--no-kv-events` mode do), bounded in blocks, bytes and age.
 """
@@ -23,6 +26,7 @@ from fleetserve.routing.base import EngineView, FleetView, RequestInfo
 from fleetserve.routing.prefix_index import PrefixIndex
 
 DEFAULT_BLOCK_SIZE = 16  # vLLM's default, and what engines report when nothing else is known
+PENDING_TTL_S = 30.0  # how long a dispatch counts as holding its blocks before the engine's events say so
 
 
 class PrefixLookup(Protocol):
@@ -57,6 +61,8 @@ class PrefixMatcher:
 
     def __init__(self, *, max_entries: int, max_bytes: int, ttl_s: float) -> None:
         self.own = PrefixIndex(max_entries=max_entries, max_bytes=max_bytes, ttl_s=ttl_s)
+        # precise mode: recent dispatches whose blocks the engines may not have reported yet
+        self.pending = PrefixIndex(max_entries=max_entries, max_bytes=max_bytes, ttl_s=PENDING_TTL_S)
         self.index: PrefixLookup = self.own
         self.block_size = DEFAULT_BLOCK_SIZE
 
@@ -77,16 +83,20 @@ class PrefixMatcher:
         hashes = request_block_hashes(request, self.block_size)
         if not hashes:
             return hashes, {}
-        return hashes, self.index.match(hashes, now)
+        matched = self.index.match(hashes, now)
+        if self.precise:
+            for engine_id, blocks in self.pending.match(hashes, now).items():
+                if blocks > matched.get(engine_id, 0):
+                    matched[engine_id] = blocks
+        return hashes, matched
 
     def record(self, request: RequestInfo, engine_id: str, now: float) -> None:
         """`engine_id` got the request, so (approximately) it will hold its prefix. In precise mode the
-        engine's own events will say so, and writing into their index would corrupt it."""
-        if self.precise:
-            return
+        engine's own events will say so, and writing into their index would corrupt it: the dispatch goes
+        to the short-lived pending index instead."""
         hashes = request_block_hashes(request, self.block_size)
         if hashes:
-            self.own.record(hashes, engine_id, now)
+            (self.pending if self.precise else self.own).record(hashes, engine_id, now)
 
     def engine_blocks(self, engine_id: str) -> int:
         return self.index.engine_blocks(engine_id)
