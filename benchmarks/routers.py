@@ -738,7 +738,7 @@ def report(
         f"- machine: {machine()} (shared with other jobs: expect noise; one run per point, no medians)",
         f"- command: `python benchmarks/routers.py{' --quick' if args.quick else ''}"
         f"{' --only ' + ' '.join(args.only) if args.only else ''}`"
-        " (peers: `bash benchmarks/peers/install.sh`)",
+        " (installs missing peers with `benchmarks/peers/install.sh` first)",
         f"- wall time: {(time.monotonic() - started) / 60:.1f} min",
         "- versions: "
         + ", ".join(sorted({f"{c.family} {c.version}" for c in all_contenders if c.version is not None})),
