@@ -82,7 +82,8 @@ class PrefixAwarePolicy(Policy):
             return Decision(
                 self._pick([e for e in holders if e.normalized_load == least]).engine_id, "cache_hit"
             )
-        sizes = [self.prefixes.engine_blocks(engine.engine_id) for engine in candidates]
+        # per unit of capacity, like the loads above: an H100 should take more new prefixes than an L4
+        sizes = [self.prefixes.sent_blocks(engine.engine_id) / engine.capacity for engine in candidates]
         smallest = min(sizes)
         tied = [engine for engine, size in zip(candidates, sizes, strict=True) if size == smallest]
         return Decision(self._pick(tied).engine_id, "smallest_tree")
@@ -151,7 +152,7 @@ class KVCostPolicy(Policy):
         low = min(costs)
         tied = [engine for engine, cost in zip(candidates, costs, strict=True) if cost == low]
         if len(tied) > 1:
-            sizes = [self.prefixes.engine_blocks(engine.engine_id) for engine in tied]
+            sizes = [self.prefixes.sent_blocks(engine.engine_id) / engine.capacity for engine in tied]
             tied = [engine for engine, size in zip(tied, sizes, strict=True) if size == min(sizes)]
         best = tied[0] if len(tied) == 1 else self._rng.choice(tied)
         return Decision(best.engine_id, "lowest_cost")

@@ -34,8 +34,6 @@ class PrefixLookup(Protocol):
 
     def match(self, block_hashes: Sequence[int], now: float | None = None) -> dict[str, int]: ...
 
-    def engine_blocks(self, engine_id: str) -> int: ...
-
 
 def request_block_hashes(request: RequestInfo, block_size: int = DEFAULT_BLOCK_SIZE) -> Sequence[int]:
     """The chained hashes of the request's full prompt blocks, computed on first use and cached on the
@@ -98,5 +96,8 @@ class PrefixMatcher:
         if hashes:
             (self.pending if self.precise else self.own).record(hashes, engine_id, now)
 
-    def engine_blocks(self, engine_id: str) -> int:
-        return self.index.engine_blocks(engine_id)
+    def sent_blocks(self, engine_id: str) -> int:
+        """Blocks this policy has sent to the engine: its whole record in approximate mode (SGLang's tree
+        size), its last `PENDING_TTL_S` in precise mode. A proxy of what the policy has loaded the engine
+        with; the precise index's own size would not do, as it follows each engine's KV capacity."""
+        return (self.pending if self.precise else self.own).engine_blocks(engine_id)

@@ -47,9 +47,16 @@ class LeastRequestPolicy(Policy):
         self._rng = random.Random(seed)
 
     def choose(self, request: RequestInfo, view: FleetView, now: float) -> Decision:
-        tied = _least_loaded(require_candidates(request, view))
-        best = tied[0] if len(tied) == 1 else self._rng.choice(tied)
-        return Decision(best.engine_id, "least_request")
+        candidates = require_candidates(request, view)
+        loads, low, ties = _least_loaded(candidates)
+        if ties == 1:
+            return Decision(candidates[loads.index(low)].engine_id, "least_request")
+        # rng.choice(tied engines) without building that list: choice draws its index from the length
+        # alone, so choosing from range(ties) draws the same one; then find that tie in place
+        index = loads.index(low)
+        for _ in range(self._rng.choice(range(ties))):
+            index = loads.index(low, index + 1)
+        return Decision(candidates[index].engine_id, "least_request")
 
 
 class LeastKVPolicy(Policy):
@@ -84,14 +91,12 @@ class PowerOfTwoPolicy(Policy):
         return Decision(best.engine_id, "power_of_two")
 
 
-def _least_loaded(candidates: list[EngineView]) -> list[EngineView]:
-    """The candidates of lowest `normalized_load`, in order. The property is inlined: the simulator runs
-    this for every request over every engine."""
+def _least_loaded(candidates: list[EngineView]) -> tuple[list[float], float, int]:
+    """Each candidate's `normalized_load`, the lowest of them and how many candidates have it. The
+    property is inlined: the simulator runs this for every request over every engine."""
     loads = [(engine.in_flight + engine.waiting) / engine.capacity for engine in candidates]
     low = min(loads)
-    if loads.count(low) == 1:
-        return [candidates[loads.index(low)]]
-    return [engine for engine, load in zip(candidates, loads, strict=True) if load == low]
+    return loads, low, loads.count(low)
 
 
 def _lowest(candidates: list[EngineView], key: Callable[[EngineView], Any], rng: random.Random) -> EngineView:
