@@ -91,6 +91,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="Runs; the figures are their medians.")
     parser.add_argument("--profile", action="store_true", help="cProfile one run; print the top 25.")
     parser.add_argument("--no-append", action="store_true", help="Do not append to docs/benchmarks.md.")
+    parser.add_argument(
+        "--note",
+        action="append",
+        default=[],
+        help="A line to add to the appended section (e.g. the figure before a change); repeatable.",
+    )
     args = parser.parse_args()
 
     lengths = azure_lengths()
@@ -126,7 +132,7 @@ def main() -> None:
     ]
     print("\n".join(lines))
     if not args.no_append:
-        append_section(args, lines)
+        append_section(args, lines + args.note)
 
 
 # (file suffix, function name) -> the part of the system the time belongs to; cumulative times, so

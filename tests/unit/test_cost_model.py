@@ -139,3 +139,36 @@ def test_calibration_error_on_the_measurements() -> None:
     assert recorded["fit_error"]["decode"]["median_ape_pct"] == pytest.approx(
         100 * statistics.median(decode_errors), abs=0.06
     )
+
+
+@given(
+    num_seqs=st.integers(1, 512),
+    context_per_seq=st.integers(1, 32_000),
+    limit=st.integers(0, 300),
+    horizon_steps=st.floats(0.0, 400.0),
+)
+def test_decode_run_is_bit_identical_to_stepping(
+    num_seqs: int, context_per_seq: int, limit: int, horizon_steps: float
+) -> None:
+    """The simulator's skip-ahead must give exactly the times stepping gives, float for float."""
+    for model in (LLAMA8_H100, LLAMA70_A100[4], cost("l4", "llama-3-8b")):
+        context = num_seqs * context_per_seq
+        start = end = 12.5
+        horizon = end + horizon_steps * model.decode_time(num_seqs, context)
+        count, expected_context = 0, context
+        while count < limit and end <= horizon:
+            count += 1
+            expected_context += num_seqs
+            start = end
+            end += model.decode_time(num_seqs, expected_context)
+        assert model.decode_run(num_seqs, context, 12.5, horizon, limit) == (count, start, end)
+
+
+@given(
+    prefill=st.lists(st.tuples(st.integers(1, 4096), st.integers(0, 8000)), max_size=4),
+    contexts=st.lists(st.integers(1, 32_000), max_size=64),
+)
+def test_batch_time_equals_iteration_time(prefill: list[tuple[int, int]], contexts: list[int]) -> None:
+    for model in (LLAMA8_H100, LLAMA70_A100[2]):
+        expected = model.iteration_time(prefill, contexts)
+        assert model.batch_time(prefill, len(contexts), sum(contexts)) == expected

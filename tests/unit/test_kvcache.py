@@ -173,3 +173,44 @@ def test_private_hashes_name_held_blocks_and_never_collide():
     kv.free(private[:2], 1)
     assert kv.count_cached_prefix(private, 3) == 2  # findable again, e.g. by its preempted request
     assert kv.num_free_blocks == 10
+
+
+def test_evicting_a_run_bit_by_bit_keeps_the_lru_order():
+    """Allocations that take part of the first run in line (the common case once the cache is full of
+    finished unique prompts) must evict exactly as if the order were looked at each time."""
+    kv = _cache(12)
+    assert kv.allocate(12)
+    kv.free([], 0, num_unfindable=5)  # first in line
+    hashes = hash_prompt_blocks(list(range(8)), 4)
+    kv.free(kv.cache_blocks(hashes, None, list(range(8)), None), 0)  # then 2 findable blocks
+    kv.free([], 0, num_unfindable=3)  # then another run
+    kv.take_events()
+    for _ in range(4):  # 4 of the first run's 5 blocks, one at a time
+        assert kv.allocate(1)
+    assert kv.ref_count(hashes[0]) == 0 and kv.take_events() == []
+    assert kv.allocate(2)  # the first run's last block, then the findable tail block
+    assert kv.take_events() == [BlockRemoved((hashes[1],))]
+    assert kv.allocate(2)  # the other findable block, then the second run
+    assert kv.take_events() == [BlockRemoved((hashes[0],))]
+    assert kv.num_free_blocks == 2 and kv.allocate(2) and not kv.allocate(1)
+    kv.free([], 4)
+    assert kv.num_free_blocks == 4
+
+
+def test_reset_forgets_a_partly_evicted_run():
+    kv = _cache(6)
+    assert kv.allocate(6)
+    kv.free([], 0, num_unfindable=6)
+    assert kv.allocate(2)  # the run is now partly evicted
+    kv.free([], 2)
+    assert kv.reset_prefix_cache()
+    assert kv.allocate(6)
+    kv.free([], 4, num_unfindable=2)  # a new run, first in line
+    assert kv.allocate(5)  # the 4 never-used blocks, then 1 of the new run
+    hashes = hash_prompt_blocks(list(range(4)), 4)
+    assert kv.allocate(0)
+    kv.free(kv.cache_blocks(hashes, None, list(range(4)), None), 0)  # a findable block after the run
+    kv.take_events()
+    assert kv.allocate(2)  # the new run's last block, then the findable one
+    assert kv.take_events() == [BlockRemoved((hashes[0],))]
+    assert not kv.allocate(1)

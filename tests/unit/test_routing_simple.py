@@ -1,3 +1,4 @@
+import random
 from collections import Counter
 
 import pytest
@@ -120,3 +121,26 @@ def test_make_policy_rejects_unknown_names_and_params() -> None:
         make_policy("nope")
     with pytest.raises(ValueError, match="no parameter bogus"):
         make_policy("least_request", {"bogus": 1})
+
+
+def test_least_request_draws_among_ties_as_a_random_choice_of_them():
+    """least_request breaks ties without building the list of tied engines; it must still pick exactly
+    the engine `rng.choice(tied)` picks, so simulations stay reproducible across versions."""
+    rng = random.Random(11)
+    policy = make_policy("least_request", seed=5)
+    reference = random.Random(5)
+    for _ in range(300):
+        engines = [
+            EngineView(
+                f"e{i}",
+                "m",
+                in_flight=rng.randrange(3),
+                waiting=rng.randrange(2),
+                capacity=rng.choice([1.0, 2.5, 3.2]),
+            )
+            for i in range(rng.randrange(1, 40))
+        ]
+        loads = [e.normalized_load for e in engines]
+        tied = [e for e, load in zip(engines, loads, strict=True) if load == min(loads)]
+        expected = tied[0] if len(tied) == 1 else reference.choice(tied)
+        assert policy.choose(request(), view(*engines), 0.0).engine_id == expected.engine_id

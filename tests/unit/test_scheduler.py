@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from fleetserve.config import EngineArgs
@@ -10,7 +12,7 @@ from fleetserve.model.cost import CostModel
 from fleetserve.model.engine import EngineModel
 from fleetserve.model.kvcache import KVCacheManager
 from fleetserve.model.lora import LoraManager
-from fleetserve.model.scheduler import Scheduler, SchedulerConfig
+from fleetserve.model.scheduler import DecodeSet, Scheduler, SchedulerConfig, Seq
 from fleetserve.model.types import EngineRequest
 
 
@@ -186,3 +188,19 @@ def test_unknown_adapter_is_loaded_on_demand(cost):
     assert engine.metrics.waiting_lora_adapters == ("fresh",)
     engine.step(load_done)
     assert engine.metrics.running_lora_adapters == ("fresh",)
+
+
+def test_blocks_needed_over_sums_the_phases_it_crosses():
+    """The block count of a skipped run is the sum of the per-iteration counts, wrapping around the
+    phase buckets (checked against iterating over every clock)."""
+    rng = random.Random(3)
+    for block_size in (1, 4, 16):
+        decode = DecodeSet(block_size)
+        for i in range(rng.randrange(1, 30)):
+            seq = Seq(request(f"r{i}", 10, output_len=1000), i, [], False)
+            seq.num_computed = rng.randrange(200)  # members join at every phase, some phases twice
+            decode.enter(seq)
+        for first in range(3 * block_size):
+            for count in range(4 * block_size):
+                expected = sum(decode.blocks_needed(first + offset) for offset in range(count))
+                assert decode.blocks_needed_over(first, count) == expected

@@ -194,3 +194,22 @@ def test_a_gap_in_the_trace_is_jumped_not_ticked_through():
     assert result["completed"] == 20
     assert result["duration_s"] > 3600
     assert len(result["load_over_time"]["t_s"]) <= 60
+
+
+def test_an_adapter_loaded_on_demand_shows_in_the_view():
+    """Syncs compare adapters only once a request names one; an engine that loads one on demand must
+    still show it in its view after the next sync."""
+    seen: list[frozenset[str]] = []
+
+    class ToH100(RecordingPolicy):
+        def choose(self, request, view, now):
+            seen.append(view.engines["h100"].adapters)
+            return Decision("h100", "test")
+
+    trace = [
+        TraceRequest(timestamp_ms=i * 300.0, input_length=200, output_length=5, adapter="lora-x")
+        for i in range(5)
+    ]
+    result = simulate(parse_fleet(MIXED), trace, ToH100())
+    assert result["completed"] == 5
+    assert "lora-x" not in seen[0] and "lora-x" in seen[-1]

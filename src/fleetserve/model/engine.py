@@ -88,6 +88,9 @@ class EngineModel:
         self.lora = LoraManager(config.max_loras, config.max_cpu_loras, cost.lora_load_time, adapter_bytes)
         self.scheduler = Scheduler(config, self.kv, self.lora)
         self.report_every_token = report_every_token
+        # fixed for the engine's life; kept as plain attributes for the per-iteration paths
+        self._lora_enabled = self.lora.enabled
+        self._kv_events = enable_kv_events
         self._batch_start = 0.0
         self._batch_end = 0.0
         # when something changed (a request arrived, an adapter was loaded) while nothing was in flight
@@ -192,8 +195,11 @@ class EngineModel:
         self._step_into(now, result)
         return result
 
-    def advance(self, until: float) -> StepResult:
-        result = StepResult()
+    def advance(self, until: float, result: StepResult | None = None) -> StepResult:
+        """Complete every iteration that ends by `until`, starting the next one each time; adds what
+        happened to `result` when given (the simulator recycles one), else to a new StepResult."""
+        if result is None:
+            result = StepResult()
         scheduler = self.scheduler
         while True:
             # next_event_time(), inlined: this loop runs for every touch of every simulated engine
@@ -223,24 +229,28 @@ class EngineModel:
 
     def _step_into(self, now: float, result: StepResult) -> None:
         """step(now) at an event time, adding what happened to `result`."""
-        if self.scheduler.in_flight is not None:
-            self._complete(result)
+        scheduler = self.scheduler
+        if scheduler.in_flight is not None:
+            done = scheduler.complete()
+            result.iterations += 1
+            self._report(done, self._batch_end, result)
         self._start(now, result)
-        if self.kv.has_events:
+        if self._kv_events and self.kv.has_events:
             result.kv_events.extend(self.kv.take_events())
 
     def _start(self, now: float, result: StepResult) -> None:
         self._poked_at = None
         self._changed = False
-        if not self.scheduler.requests:
+        scheduler = self.scheduler
+        if not scheduler.requests:
             return
         lora = self.lora
-        if lora.enabled:
+        if self._lora_enabled and lora.next_load_completion() is not None:  # loads in progress
             lora.complete_loads(now)
-        batch = self.scheduler.schedule(now)
+        batch = scheduler.schedule(now)
         if batch.preempted:
             result.preempted.extend(seq.request_id for seq in batch.preempted)
-        if batch.empty:
+        if scheduler.in_flight is None:  # nothing to run
             return
         self._batch_start = now
         self._batch_end = now + self._iteration_time(batch)
@@ -249,37 +259,31 @@ class EngineModel:
         n, context = batch.num_decode, batch.decode_context
         if not batch.prefills:
             return self.cost.decode_time(n, context)
-        # the cost model depends on the decode contexts only through their count and sum
-        share, extra = divmod(context, n) if n else (0, 0)
-        contexts = [share + 1] * extra + [share] * (n - extra)
-        return self.cost.iteration_time([(chunk, before) for _, chunk, before in batch.prefills], contexts)
-
-    def _complete(self, result: StepResult) -> None:
-        end = self._batch_end
-        done = self.scheduler.complete()
-        result.iterations += 1
-        self._report(done, end, result)
+        return self.cost.batch_time([(chunk, before) for _, chunk, before in batch.prefills], n, context)
 
     def _report(self, done: Completion, end: float, result: StepResult) -> None:
         outputs = result.outputs
-        sampled = {seq.request_id for seq in done.sampled} if done.sampled else ()
+        # requests that sampled a token at the end of their prefill report it below, not as a decode token
+        sampled = done.sampled
         if done.decoded:
             if self.report_every_token:
+                sampled_ids = {seq.request_id for seq in sampled}
                 for seq in self.scheduler.decoding():
-                    if seq.request_id not in sampled:
+                    if seq.request_id not in sampled_ids:
                         outputs.append(TokenOutput(seq.request_id, 1, end, end))
                         seq.num_reported += 1
             elif self._awaiting_stamp:
                 self._stamp(done.decode_clock, end)
         for seq in done.finished:
-            if seq.request_id not in sampled:
+            if seq not in sampled:  # a few at most; Seq compares by identity
                 outputs.append(self._final_output(seq, end))
-        for seq in done.sampled:
+        for seq in sampled:
             if (output := self._sampled_output(seq, end)) is not None:
                 outputs.append(output)
-        if not self.report_every_token:
+        if done.entered and not self.report_every_token:
+            awaiting = self._awaiting_stamp
             for seq in done.entered:
-                self._awaiting_stamp.setdefault(seq.decode_clock0, []).append(seq)
+                awaiting.setdefault(seq.decode_clock0, []).append(seq)
 
     def _stamp(self, clock: int, end: float) -> None:
         """Quiet mode: date the first unreported token of requests whose run opened at `clock`."""
@@ -324,20 +328,14 @@ class EngineModel:
         if limit == 0:
             return False
         horizon = until
-        if self.lora.enabled and (load_done := self.lora.next_load_completion()) is not None:
+        if self._lora_enabled and (load_done := self.lora.next_load_completion()) is not None:
             horizon = min(until, math.nextafter(load_done, -math.inf))
         batch = scheduler.in_flight
         assert batch is not None
-        n, context = batch.num_decode, batch.decode_context
-        decode_time = self.cost.decode_time
-        first_end = end = start = self._batch_end
-        count = 0
-        # iteration j completes at `end` and is followed by an identical one with n more context tokens
-        while count < limit and end <= horizon:
-            count += 1
-            context += n
-            start = end
-            end += decode_time(n, context)
+        first_end = self._batch_end
+        count, start, end = self.cost.decode_run(
+            batch.num_decode, batch.decode_context, first_end, horizon, limit
+        )
         if count == 0:
             return False
         clock = scheduler.decode.clock
@@ -350,7 +348,7 @@ class EngineModel:
                 seq.num_reported += count
         elif self._awaiting_stamp:
             self._stamp(clock, first_end)
-        if self.kv.has_events:
+        if self._kv_events and self.kv.has_events:
             result.kv_events.extend(self.kv.take_events())
         return True
 
@@ -397,10 +395,8 @@ class EngineModel:
         own = max(1, prompt_len - cached_tokens)
         chunk = max(1, config.max_num_batched_tokens - n)
         full_chunks, last = divmod(queued + own, chunk)
-        share, extra = divmod(context, n) if n else (0, 0)
-        contexts = [share + 1] * extra + [share] * (n - extra)
         if full_chunks:
-            elapsed += full_chunks * self.cost.iteration_time([(chunk, 0)], contexts)
+            elapsed += full_chunks * self.cost.batch_time([(chunk, 0)], n, context)
         if last:
-            elapsed += self.cost.iteration_time([(last, min(cached_tokens, prompt_len - 1))], contexts)
+            elapsed += self.cost.batch_time([(last, min(cached_tokens, prompt_len - 1))], n, context)
         return elapsed

@@ -112,6 +112,10 @@ class KVCacheManager:
         self._evictable: OrderedDict[int | _UnfindableRun, None] = OrderedDict()
         self._num_evictable = 0  # blocks in _evictable (a run counts its blocks)
         self._num_private = 0  # private hashes handed out so far
+        # the run first in the eviction order when the last eviction took only part of it: the next
+        # eviction usually takes from it again and needs no look at the order (nothing is ever put
+        # in front of it, and only an eviction or a reset removes it)
+        self._partial_run: _UnfindableRun | None = None
         self._events: list[KVEvent] = []
 
     # ---- pool state -------------------------------------------------------------------------------
@@ -127,7 +131,8 @@ class KVCacheManager:
 
     @property
     def usage(self) -> float:
-        return self.num_used_blocks / self.num_blocks
+        # num_used_blocks / num_blocks, spelled out: the simulator reads this for every engine it syncs
+        return (self.num_blocks - self._num_uncached_free - self._num_evictable) / self.num_blocks
 
     @property
     def num_cached_blocks(self) -> int:
@@ -203,24 +208,34 @@ class KVCacheManager:
         Returns False, changing nothing, when they do not fit."""
         if num_blocks <= 0:
             return num_blocks == 0
-        if num_blocks > self._num_uncached_free + self._num_evictable:
+        uncached = self._num_uncached_free
+        if num_blocks <= uncached:
+            self._num_uncached_free = uncached - num_blocks
+            return True
+        if num_blocks > uncached + self._num_evictable:
             return False
-        from_uncached = min(num_blocks, self._num_uncached_free)
-        self._num_uncached_free -= from_uncached
-        to_evict = num_blocks - from_uncached
-        if to_evict:
+        # every never-used block, then evicted ones for the rest
+        self._num_uncached_free = 0
+        to_evict = num_blocks - uncached
+        run = self._partial_run
+        if run is not None and run.count > to_evict:
+            run.count -= to_evict
+            self._num_evictable -= to_evict
+        else:
             self._evict(to_evict)
         return True
 
     def _evict(self, count: int) -> None:
         evictable, ref_counts = self._evictable, self._ref_counts
         self._num_evictable -= count
+        self._partial_run = None
         evicted = []
         while count:
             key = next(iter(evictable))
             if type(key) is _UnfindableRun:
                 if key.count > count:  # the rest of the run stays first in line
                     key.count -= count
+                    self._partial_run = key
                     break
                 count -= key.count
                 del evictable[key]
@@ -299,6 +314,7 @@ class KVCacheManager:
         self._num_uncached_free = self.num_blocks
         self._ref_counts.clear()
         self._evictable.clear()
+        self._partial_run = None
         self._num_evictable = 0
         if self.enable_events:
             self._events.append(AllBlocksCleared())

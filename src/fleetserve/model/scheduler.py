@@ -23,7 +23,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 from fleetserve.model.kvcache import KVCacheManager, hash_prompt_blocks
@@ -154,6 +154,9 @@ class WaitingQueue:
     def __len__(self) -> int:
         return len(self._heap) if self.priority else len(self._fifo)
 
+    def __bool__(self) -> bool:
+        return bool(self._heap) if self.priority else bool(self._fifo)
+
     def __iter__(self) -> Iterator[Seq]:
         if self.priority:
             return iter(seq for _, seq in sorted(self._heap, key=lambda item: item[0]))
@@ -231,10 +234,16 @@ class DecodeSet:
 
     def blocks_needed_over(self, first_clock: int, count: int) -> int:
         """New blocks the `count` iterations from `first_clock` need together (members unchanged)."""
-        full, rest = divmod(count, self.block_size)
+        block_size, buckets = self.block_size, self.buckets
+        full, rest = divmod(count, block_size)
         total = full * len(self.members)
-        for offset in range(rest):
-            total += self.buckets[(first_clock + offset) % self.block_size]
+        if rest:
+            # the phases of the last partial cycle: a run of `rest` buckets, wrapping around at the end
+            low = first_clock % block_size
+            high = low + rest
+            total += sum(buckets[low:high])
+            if high > block_size:
+                total += sum(buckets[: high - block_size])
         return total
 
     def next_finish_clock(self) -> int | None:
@@ -271,20 +280,30 @@ class DecodeSet:
         """Members whose last token was produced by the iteration that just completed (still members:
         the caller removes them)."""
         done = []
-        while (finish_clock := self.next_finish_clock()) is not None and finish_clock <= self.clock:
-            done.append(heapq.heappop(self._finishes)[3])
+        heap, clock = self._finishes, self.clock
+        while heap and heap[0][0] <= clock:
+            _, _, version, seq = heapq.heappop(heap)
+            if seq.in_decode and seq.version == version:  # else superseded: it left the set since
+                done.append(seq)
         return done
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class ScheduledBatch:
     """One iteration's work: prefill chunks (request, tokens, tokens computed before) and one token for
     each of `num_decode` decoding requests whose contexts sum to `decode_context`."""
 
-    prefills: list[tuple[Seq, int, int]] = field(default_factory=list)
-    num_decode: int = 0
-    decode_context: int = 0
-    preempted: list[Seq] = field(default_factory=list)
+    prefills: list[tuple[Seq, int, int]]
+    num_decode: int
+    decode_context: int
+    preempted: list[Seq]
+
+    def __init__(self) -> None:
+        # written out: the generated __init__ calls a factory per list, and there is one batch per iteration
+        self.prefills = []
+        self.num_decode = 0
+        self.decode_context = 0
+        self.preempted = []
 
     @property
     def empty(self) -> bool:
@@ -295,17 +314,25 @@ class ScheduledBatch:
         return not self.prefills and not self.preempted and self.num_decode > 0
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Completion:
     """What an iteration produced: `sampled` requests got a token from a finished prefill, every member of
     `decoded` (the decode set after the iteration) and of `finished` got one decode token unless it
     appears in `sampled`; `entered` joined the decode set."""
 
-    sampled: list[Seq] = field(default_factory=list)
-    finished: list[Seq] = field(default_factory=list)
-    entered: list[Seq] = field(default_factory=list)
-    decoded: bool = False
-    decode_clock: int = 0  # the clock value of the decode iteration that completed
+    sampled: list[Seq]
+    finished: list[Seq]
+    entered: list[Seq]
+    decoded: bool
+    decode_clock: int  # the clock value of the decode iteration that completed
+
+    def __init__(self) -> None:
+        # written out, as ScheduledBatch's: one per iteration
+        self.sampled = []
+        self.finished = []
+        self.entered = []
+        self.decoded = False
+        self.decode_clock = 0
 
 
 class Scheduler:
@@ -379,7 +406,8 @@ class Scheduler:
         held = self.blocks_held(seq)
         if seq.in_decode:
             self.decode.leave(seq)
-        self.prefilling.pop(seq.request_id, None)
+        else:
+            self.prefilling.pop(seq.request_id, None)
         del self.running[seq.request_id]
         unfindable = seq.num_committed if seq.unique else 0
         self.kv.free(seq.cached_hashes, held - len(seq.cached_hashes) - unfindable, unfindable)
@@ -420,14 +448,15 @@ class Scheduler:
         if self.in_flight is not None:
             raise RuntimeError("an iteration is already in flight")
         kv, decode, block_size = self.kv, self.decode, self.block_size
+        members = decode.members
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
 
         # 1. every decoding request computes one token
-        while decode.members and not kv.allocate(decode.blocks_needed(decode.clock)):
+        while members and not kv.allocate(decode.blocks_needed(decode.clock)):
             self._preempt_one(batch)
-        self._decode_block_held = bool(decode.members)
-        budget -= len(decode)
+        self._decode_block_held = bool(members)
+        budget -= len(members)
 
         # 2. requests in prefill continue, in admission order
         for seq in list(self.prefilling.values()) if self.prefilling else ():
@@ -449,12 +478,12 @@ class Scheduler:
             budget -= chunk
 
         # 3. admit waiting requests, unless this pass had to preempt
-        if not batch.preempted:
+        if not batch.preempted and self.waiting:
             self._admit(batch, budget, now)
 
-        batch.num_decode = len(decode)
+        batch.num_decode = len(members)
         batch.decode_context = decode.total_context()
-        self.in_flight = None if batch.empty else batch
+        self.in_flight = batch if batch.prefills or members else None
         return batch
 
     def _preempt_one(self, batch: ScheduledBatch) -> tuple[Seq, int]:
@@ -511,7 +540,8 @@ class Scheduler:
                 self.lora.acquire(seq.adapter)
             batch.prefills.append((seq, chunk, computed))
             budget -= chunk
-        waiting.restore(skipped)
+        if skipped:
+            waiting.restore(skipped)
 
     def complete(self) -> Completion:
         """Apply the in-flight iteration's results."""
@@ -572,18 +602,20 @@ class Scheduler:
         impossible: the pass that built a pure-decode batch admitted nothing, and nothing it waited on
         improves while the batch is unchanged, except adapter loads, which the engine bounds by time.)"""
         batch, decode = self.in_flight, self.decode
-        if batch is None or not batch.pure_decode:
+        if batch is None:
             return 0
         if batch is self._quiet_batch:
             # a skip that stopped short leaves the rest of the run: nothing else touched blocks or members
             return self._quiet_left
+        if not batch.pure_decode:
+            return 0
         finish_clock = decode.next_finish_clock()
         # completing the in-flight iteration moves the clock to clock+1; none of the completions may
         # reach a finish clock
         limit = (finish_clock - decode.clock - 1) if finish_clock is not None else 1 << 62
         if limit <= 0:
             return 0
-        free, n, block_size = self.kv.num_free_blocks, len(decode), self.block_size
+        free, n, block_size = self.kv.num_free_blocks, len(decode.members), self.block_size
         first = decode.clock + 1
         # each whole cycle of block_size iterations needs one block per member; walk the last cycle
         count = min(limit, (free // n) * block_size)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 FinishReason = Literal["length", "stop", "abort", "error"]
 
@@ -33,11 +33,13 @@ class EngineRequest:
         return len(self.prompt_token_ids)
 
 
-@dataclass(frozen=True)
-class TokenOutput:
+class TokenOutput(NamedTuple):
     """Tokens one request produced in a step, in compact form: a skip-ahead over many decode iterations
     reports a count and the first and last token's times instead of one timestamp per token. Stepwise,
-    `num_tokens` is 1 and both times are the iteration's end."""
+    `num_tokens` is 1 and both times are the iteration's end.
+
+    A NamedTuple rather than a frozen dataclass: as immutable, and about three times cheaper to build,
+    which counts when the simulator makes two per request (first token, finish) a million times over."""
 
     request_id: str
     num_tokens: int

@@ -47,13 +47,16 @@ class SimEngine:
             self.busy_time += now - self.busy_since
             self.busy_since = None
 
-    def refresh_view(self) -> bool:
-        """Copy what a metrics scrape would report into the view; True when its adapters changed."""
+    def refresh_view(self, adapters_may_change: bool = True) -> bool:
+        """Copy what a metrics scrape would report into the view; True when its adapters changed. Pass
+        `adapters_may_change=False` to skip comparing the adapters when none can have changed."""
         model, view = self.model, self.view
-        scheduler, kv = model.scheduler, model.kv
+        scheduler = model.scheduler
         view.running = len(scheduler.running)
         view.waiting = len(scheduler.waiting)
-        view.kv_usage = kv.usage
+        view.kv_usage = model.kv.usage
+        if not adapters_may_change:
+            return False
         adapters = model.adapters
         if len(adapters) != len(view.adapters) or not view.adapters.issuperset(adapters):
             view.adapters = frozenset(adapters)

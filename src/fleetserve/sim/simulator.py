@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 
 from fleetserve.config import FleetConfig
 from fleetserve.model.catalog import Catalog
@@ -63,7 +64,7 @@ class Simulator:
         catalog: Catalog | None = None,
     ) -> None:
         self.config = config
-        self.trace = sorted(trace, key=lambda request: request.timestamp_ms)
+        self.trace = sorted(trace, key=attrgetter("timestamp_ms"))
         self.policy = policy
         self.options = options = options or SimOptions()
         self.fleet: SimFleet = build_fleet(config, catalog)
@@ -75,6 +76,10 @@ class Simulator:
         self._live: dict[str, _Live] = {}
         self._by_id = {engine.engine_id: engine for engine in self.fleet.engines}
         self._stale: set[int] = set()  # engines advanced since their view was last refreshed
+        # An engine's adapters change only when it loads one on the fly for a request that names it: until
+        # such a request arrives, syncs need not compare them.
+        self._adapter_requests = False
+        self._step = StepResult()
         self._last_finish = -math.inf
         self._default_model = options.default_model or self.fleet.engines[0].group.model
         self._vocab_size = {engine.group.model: engine.vocab_size for engine in self.fleet.engines}
@@ -150,16 +155,24 @@ class Simulator:
         for key in self._wakeups.pop_due(now):
             self._advance(engines[key], now)
         adapters_changed = False
+        check_adapters = self._adapter_requests
         for key in self._stale:
-            adapters_changed |= engines[key].refresh_view()
+            adapters_changed |= engines[key].refresh_view(check_adapters)
         self._stale.clear()
         if adapters_changed:
             self.fleet.view.forget_candidates()
 
     def _advance(self, engine: SimEngine, until: float) -> None:
-        result = engine.model.advance(until)
-        self._absorb(engine, result)
-        self._wakeups.schedule(engine.index, engine.model.next_event_time())
+        model = engine.model
+        # one StepResult for every advance, emptied after use: the simulator reads only its outputs
+        result = model.advance(until, self._step)
+        if result.outputs:
+            self._absorb(engine, result)
+            result.outputs.clear()
+        if result.preempted or result.kv_events:
+            result.preempted.clear()
+            result.kv_events.clear()
+        self._wakeups.schedule(engine.index, model.next_event_time())
         self._stale.add(engine.index)
 
     def _arrive(self, index: int, request: TraceRequest, now: float) -> None:
@@ -196,6 +209,8 @@ class Simulator:
             metrics.fail(index, "rejected")
             return
         engine = self._by_id[decision.engine_id]
+        if request.adapter is not None:
+            self._adapter_requests = True
         if self._wakeups.pending(engine.index) <= now:
             self._advance(engine, now)
         self.policy.on_dispatch(info, engine.engine_id, now)
@@ -225,20 +240,16 @@ class Simulator:
 
     def _absorb(self, engine: SimEngine, result: StepResult) -> None:
         """Turn an engine's token outputs into request metrics and policy hooks."""
-        if not result.outputs:
-            return
         live_requests = self._live
         metrics = self.metrics
         itl = metrics.itl
         policy = self.policy
-        for output in result.outputs:
-            live = live_requests[output.request_id]
-            count = output.num_tokens
-            first = output.first_token_time
-            last = output.last_token_time
+        # a TokenOutput is a NamedTuple: unpacking it in field order beats reading seven attributes
+        for request_id, count, first, last, finished, finish_reason, cached_tokens in result.outputs:
+            live = live_requests[request_id]
             if live.tokens == 0:
                 metrics.first_token[live.index] = first
-                metrics.cached_tokens[live.index] = output.num_cached_prompt_tokens
+                metrics.cached_tokens[live.index] = cached_tokens
                 policy.on_first_token(live.info, engine.engine_id, first)
             else:
                 itl.add(first - live.last_token_time)
@@ -246,12 +257,12 @@ class Simulator:
                 itl.add((last - first) / (count - 1), count - 1)
             live.tokens += count
             live.last_token_time = last
-            if output.finished:
-                del live_requests[output.request_id]
+            if finished:
+                del live_requests[request_id]
                 engine.finish(last)
                 policy.on_finish(live.info, engine.engine_id, last)
-                if output.finish_reason in ("abort", "error"):
-                    metrics.fail(live.index, f"engine_{output.finish_reason}")
+                if finish_reason in ("abort", "error"):
+                    metrics.fail(live.index, f"engine_{finish_reason}")
                 else:
                     metrics.finish[live.index] = last
                     metrics.output_tokens[live.index] = live.tokens
