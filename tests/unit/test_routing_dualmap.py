@@ -3,7 +3,7 @@ from __future__ import annotations
 from collections import Counter
 
 from fleetserve.routing import Decision, EngineView, FleetView, RequestInfo, make_policy
-from fleetserve.routing.dualmap import DualMapPolicy, HashRing
+from fleetserve.routing.dualmap import DualMapPolicy, HashRing, PrefixPopularity
 
 SYSTEM = list(range(500, 500 + 16 * 8))
 
@@ -176,32 +176,52 @@ def test_one_candidate() -> None:
     assert policy.choose(request("1", SYSTEM), fleet(*engines(1)), 0.0) == Decision("e0", "only_candidate")
 
 
-def test_a_prefix_most_engines_hold_does_not_pin_every_request_to_one_pair() -> None:
-    """Every prompt starts with the same system prompt (as every Mooncake request does): once most of the
-    fleet holds it, the key moves past it, and distinct conversations spread over the fleet again."""
-    policy = DualMapPolicy(prefix_blocks=2)
+def test_a_prefix_every_request_starts_with_does_not_pin_them_all_to_one_pair() -> None:
+    """Every prompt starts with the same system prompt (as every Mooncake request does), from a cold start:
+    once enough requests have shown it is common, the key moves past it and distinct conversations spread
+    over the fleet again."""
+    policy = DualMapPolicy(prefix_blocks=2, common_after=8)
     view = fleet(*engines(8))
     shared = SYSTEM + [1] * 16 * 4  # 12 blocks every request starts with
-    held = _hashes(policy, shared, view)
-    for engine in view.engines:  # the system prompt is already cached on most engines
-        if engine != "e7":
-            policy.prefixes.own.record(held, engine, 0.0)
     chosen = Counter()
     for conversation in range(400):
         req = request(str(conversation), shared + [conversation + 10_000] * 16 * 3)
-        chosen[policy.choose(req, view, 0.0).engine_id] += 1
+        decision = route(policy, req, view)
+        if conversation >= 20:  # past the warm-up that finds the common prefix
+            chosen[decision.engine_id] += 1
     assert len(chosen) >= 6, chosen
 
 
-def test_the_common_prefix_is_what_at_least_the_shared_fraction_of_candidates_hold() -> None:
-    policy = DualMapPolicy(shared_fraction=0.5)
-    assert policy.common_blocks({"e0": 9, "e1": 5, "e2": 3, "e3": 3}, 8) == 3
-    assert policy.common_blocks({"e0": 9, "e1": 5, "e2": 3}, 8) == 0  # held by fewer than 4 of 8
-    assert policy.common_blocks({"e0": 9, "e1": 5}, 2) == 5  # needs two holders at least
+def test_a_conversation_keeps_its_key_across_turns() -> None:
+    policy = DualMapPolicy(prefix_blocks=2, common_after=8)
+    ids = [e.engine_id for e in engines(8)]
+    view = fleet(*engines(8))
+    shared = SYSTEM + [1] * 16 * 4
+    for other in range(20):  # make the system prompt common
+        route(policy, request(f"w{other}", shared + [other + 500] * 48), view)
+    turn = shared + [7] * 48
+    pairs = set()
+    for number in range(5):  # each turn extends the last
+        req = request(f"t{number}", turn)
+        route(policy, req, view)
+        pairs.add(policy.pair(req, ids, policy.popularity.common_blocks(req.block_hashes or ())))
+        turn = turn + [number + 900] * 32
+    assert len(pairs) == 1
 
 
-def _hashes(policy: DualMapPolicy, tokens: list[int], view: FleetView) -> list[int]:
-    req = request("hash", tokens)
-    policy.prefixes.match(req, view, view.engines.values(), 0.0)
-    assert req.block_hashes is not None
-    return list(req.block_hashes)
+def test_common_blocks_are_those_enough_requests_started_with() -> None:
+    popularity = PrefixPopularity(threshold=3, max_entries=100)
+    for _ in range(3):
+        popularity.count([1, 2])
+    popularity.count([1, 2, 3])
+    assert popularity.common_blocks([1, 2, 3, 4]) == 2
+    assert popularity.common_blocks([5, 1]) == 0  # leading blocks only
+    bounded = PrefixPopularity(threshold=1, max_entries=2)
+    bounded.count([1, 2, 3])
+    assert bounded.common_blocks([1]) == 0 and bounded.common_blocks([2, 3]) == 2  # 1 was forgotten
+
+
+def route(policy: DualMapPolicy, req: RequestInfo, view: FleetView) -> Decision:
+    decision = policy.choose(req, view, 0.0)
+    policy.on_dispatch(req, decision.engine_id, 0.0)
+    return decision

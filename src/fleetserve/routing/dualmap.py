@@ -9,10 +9,12 @@ get the same pair, so they meet their cache on one of two engines, while distinc
 the power of two choices. Adding or removing an engine moves only the keys on the arcs its virtual nodes
 owned.
 
-The fleet-wide common prefix is the run of leading blocks that at least `shared_fraction` of the
-candidates already hold: a system prompt every request starts with. It says nothing about where a request
-belongs, and keying on it would send every request to the same two engines (the Mooncake trace starts
-every prompt with the same 512 tokens), so the key starts after it.
+The fleet-wide common prefix is the run of leading blocks that at least `common_after` recent requests
+started with: a system prompt every request starts with. It says nothing about where a request belongs,
+and keying on it would send every request to the same two engines (the Mooncake trace starts every prompt
+with the same 512 tokens), so the key starts after it. It is counted over requests, not over the engines
+that hold it: keyed on it, only two engines ever would. A conversation's own blocks are counted once per
+turn, so they stay below the threshold and its turns keep their key.
 
 Between the two: the one holding more of the prefix (the cache-affinity candidate), or the less loaded
 when neither holds more. The paper then migrates queued requests off hotspots to their other candidate;
@@ -26,10 +28,8 @@ from __future__ import annotations
 import bisect
 import functools
 import hashlib
-import heapq
-import math
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Sequence
 
 from fleetserve.routing.base import Decision, EngineView, FleetView, Policy, RequestInfo, require_candidates
 from fleetserve.routing.cache_aware import DEFAULT_MAX_BLOCKS, DEFAULT_MAX_BYTES, DEFAULT_TTL_S
@@ -40,6 +40,8 @@ _MASK64 = (1 << 64) - 1
 _SALT_PRIMARY = 0x5851F42D4C957F2D
 _SALT_SECONDARY = 0x14057B7EF767814F
 _RING_CACHE_SIZE = 32  # candidate sets differ per model, adapter and health state; keep the recent ones
+_POPULARITY_ENTRIES = 100_000
+_COUNTED_BEYOND_COMMON = 64  # blocks past the common prefix each request counts (1k tokens at 16)  # leading blocks whose request counts are kept, most recently seen first
 
 
 def mix64(value: int) -> int:
@@ -57,6 +59,35 @@ def stable_hash(text: str) -> int:
 @functools.lru_cache(maxsize=4096)
 def _ring_points(name: str, engine_id: str, virtual_nodes: int) -> tuple[int, ...]:
     return tuple(stable_hash(f"{name}/{engine_id}#{i}") for i in range(virtual_nodes))
+
+
+class PrefixPopularity:
+    """How many requests started with each leading block, for the recently seen blocks (bounded, least
+    recently seen forgotten first): the blocks at least `threshold` requests started with are common."""
+
+    def __init__(self, threshold: int, max_entries: int) -> None:
+        self.threshold = threshold
+        self.max_entries = max_entries
+        self._counts: OrderedDict[int, int] = OrderedDict()
+
+    def common_blocks(self, block_hashes: Sequence[int]) -> int:
+        """How many leading blocks of this prompt are common."""
+        counts, threshold = self._counts, self.threshold
+        common = 0
+        for block_hash in block_hashes:
+            if counts.get(block_hash, 0) < threshold:
+                break
+            common += 1
+        return common
+
+    def count(self, block_hashes: Sequence[int]) -> None:
+        """One more request started with these blocks."""
+        counts = self._counts
+        for block_hash in block_hashes:
+            counts[block_hash] = counts.get(block_hash, 0) + 1
+            counts.move_to_end(block_hash)
+        while len(counts) > self.max_entries:
+            counts.popitem(last=False)
 
 
 class HashRing:
@@ -96,27 +127,27 @@ class DualMapPolicy(Policy):
         ttft_slo_ms: float | None = None,
         hotspot_factor: float = 2.0,
         hotspot_min_load: float = 4.0,
-        shared_fraction: float = 0.5,
+        common_after: int = 32,
         max_tree_size: int = DEFAULT_MAX_BLOCKS,
         max_bytes: int = DEFAULT_MAX_BYTES,
         ttl_s: float = DEFAULT_TTL_S,
     ) -> None:
         """`ttft_slo_ms` applies to requests that carry no SLO of their own; `hotspot_factor` and
         `hotspot_min_load` define a hotspot: normalised load above both the factor times the candidates'
-        mean and the minimum; `shared_fraction` of the candidates holding a prefix make it common to the
-        fleet, and the prefix key starts after it."""
+        mean and the minimum; a leading block `common_after` requests started with is common to the fleet,
+        and the prefix key starts after the common blocks."""
         if prefix_blocks < 1 or virtual_nodes < 1:
             raise ValueError("prefix_blocks and virtual_nodes must be >= 1")
         if hotspot_factor <= 1.0:
             raise ValueError(f"hotspot_factor must be > 1, got {hotspot_factor}")
-        if not 0.0 < shared_fraction <= 1.0:
-            raise ValueError(f"shared_fraction must be in (0, 1], got {shared_fraction}")
+        if common_after < 2:
+            raise ValueError(f"common_after must be >= 2, got {common_after}")
         self.prefix_blocks = prefix_blocks
         self.virtual_nodes = virtual_nodes
         self.ttft_slo_ms = ttft_slo_ms
         self.hotspot_factor = hotspot_factor
         self.hotspot_min_load = hotspot_min_load
-        self.shared_fraction = shared_fraction
+        self.popularity = PrefixPopularity(common_after, max_entries=min(max_tree_size, _POPULARITY_ENTRIES))
         self.prefixes = PrefixMatcher(max_entries=max_tree_size, max_bytes=max_bytes, ttl_s=ttl_s)
         self._rings: OrderedDict[frozenset[str], tuple[HashRing, HashRing]] = OrderedDict()
 
@@ -148,14 +179,6 @@ class DualMapPolicy(Policy):
             return hash(tuple(request.prompt_token_ids)) & _MASK64
         return stable_hash(request.session if request.session is not None else request.request_id)
 
-    def common_blocks(self, matched: Mapping[str, int], num_candidates: int) -> int:
-        """How many leading blocks of the request at least `shared_fraction` of the candidates (and at
-        least two) hold: the k-th largest match."""
-        holders = max(2, math.ceil(self.shared_fraction * num_candidates))
-        if len(matched) < holders:
-            return 0
-        return heapq.nlargest(holders, matched.values())[-1]
-
     def pair(
         self, request: RequestInfo, engine_ids: Iterable[str], common_blocks: int = 0
     ) -> tuple[str, str]:
@@ -176,7 +199,11 @@ class DualMapPolicy(Policy):
         if len(candidates) == 1:
             return Decision(candidates[0].engine_id, "only_candidate")
         by_id = {engine.engine_id: engine for engine in candidates}
-        first_id, second_id = self.pair(request, by_id, self.common_blocks(matched, len(candidates)))
+        hashes = request.block_hashes or ()
+        common = self.popularity.common_blocks(hashes)
+        # count further than the key reaches, so a long system prompt is found common in one round
+        self.popularity.count(hashes[: common + _COUNTED_BEYOND_COMMON])
+        first_id, second_id = self.pair(request, by_id, common)
         first, second = by_id[first_id], by_id[second_id]
         first_blocks, second_blocks = matched.get(first_id, 0), matched.get(second_id, 0)
         if first_blocks != second_blocks:
