@@ -3,7 +3,7 @@ from __future__ import annotations
 from collections import Counter
 
 from fleetserve.routing import Decision, EngineView, FleetView, RequestInfo, make_policy
-from fleetserve.routing.dualmap import DualMapPolicy, HashRing, PrefixPopularity
+from fleetserve.routing.dualmap import DualMapPolicy, HashRing, PrefixBranching
 
 SYSTEM = list(range(500, 500 + 16 * 8))
 
@@ -180,48 +180,56 @@ def test_a_prefix_every_request_starts_with_does_not_pin_them_all_to_one_pair() 
     """Every prompt starts with the same system prompt (as every Mooncake request does), from a cold start:
     once enough requests have shown it is common, the key moves past it and distinct conversations spread
     over the fleet again."""
-    policy = DualMapPolicy(prefix_blocks=2, common_after=8)
+    policy = DualMapPolicy(prefix_blocks=2)
     view = fleet(*engines(8))
     shared = SYSTEM + [1] * 16 * 4  # 12 blocks every request starts with
     chosen = Counter()
     for conversation in range(400):
         req = request(str(conversation), shared + [conversation + 10_000] * 16 * 3)
         decision = route(policy, req, view)
-        if conversation >= 20:  # past the warm-up that finds the common prefix
+        if conversation >= 3:  # three conversations show the system prompt is common
             chosen[decision.engine_id] += 1
     assert len(chosen) >= 6, chosen
 
 
 def test_a_conversation_keeps_its_key_across_turns() -> None:
-    policy = DualMapPolicy(prefix_blocks=2, common_after=8)
+    policy = DualMapPolicy(prefix_blocks=2)
     ids = [e.engine_id for e in engines(8)]
     view = fleet(*engines(8))
     shared = SYSTEM + [1] * 16 * 4
-    for other in range(20):  # make the system prompt common
+    for other in range(3):  # three conversations show the system prompt is common
         route(policy, request(f"w{other}", shared + [other + 500] * 48), view)
     turn = shared + [7] * 48
     pairs = set()
     for number in range(5):  # each turn extends the last
         req = request(f"t{number}", turn)
         route(policy, req, view)
-        pairs.add(policy.pair(req, ids, policy.popularity.common_blocks(req.block_hashes or ())))
+        pairs.add(policy.pair(req, ids, policy.branching.common_blocks(req.block_hashes or ())))
         turn = turn + [number + 900] * 32
     assert len(pairs) == 1
 
 
-def test_common_blocks_are_those_enough_requests_started_with() -> None:
-    popularity = PrefixPopularity(threshold=3, max_entries=100)
-    for _ in range(3):
-        popularity.count([1, 2])
-    popularity.count([1, 2, 3])
-    assert popularity.common_blocks([1, 2, 3, 4]) == 2
-    assert popularity.common_blocks([5, 1]) == 0  # leading blocks only
-    bounded = PrefixPopularity(threshold=1, max_entries=2)
-    bounded.count([1, 2, 3])
-    assert bounded.common_blocks([1]) == 0 and bounded.common_blocks([2, 3]) == 2  # 1 was forgotten
+def test_the_common_prefix_ends_where_prompts_branch_enough() -> None:
+    branching = PrefixBranching(fanout=3, max_entries=100)
+    for suffix in (10, 11, 12):  # three prompts share [1, 2] and go on differently
+        branching.record([1, 2, suffix, suffix + 100])
+    assert branching.common_blocks([1, 2, 10, 110, 7]) == 2
+    assert branching.common_blocks([5, 1, 2]) == 0  # leading blocks only
+    for _ in range(5):  # one prompt, again and again, never branches
+        branching.record([1, 2, 10, 110, 7])
+    assert branching.common_blocks([1, 2, 10, 110, 7]) == 2
+    bounded = PrefixBranching(fanout=1, max_entries=2)
+    bounded.record([1, 2, 3, 4])  # parents 1, 2, 3: the oldest, 1, is forgotten
+    assert bounded.common_blocks([1, 2]) == 0 and bounded.common_blocks([2, 3, 4]) == 2
 
 
 def route(policy: DualMapPolicy, req: RequestInfo, view: FleetView) -> Decision:
     decision = policy.choose(req, view, 0.0)
     policy.on_dispatch(req, decision.engine_id, 0.0)
     return decision
+
+
+def test_rings_weighted_by_capacity_give_a_faster_engine_more_keys() -> None:
+    ring = HashRing({"h100": 3.0, "l4": 1.0}, "primary", 128)
+    owners = Counter(ring.owner((i * 0x9E3779B97F4A7C15) & (2**64 - 1)) for i in range(20_000))
+    assert 2.2 < owners["h100"] / owners["l4"] < 4.0

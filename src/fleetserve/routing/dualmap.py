@@ -9,12 +9,13 @@ get the same pair, so they meet their cache on one of two engines, while distinc
 the power of two choices. Adding or removing an engine moves only the keys on the arcs its virtual nodes
 owned.
 
-The fleet-wide common prefix is the run of leading blocks that at least `common_after` recent requests
-started with: a system prompt every request starts with. It says nothing about where a request belongs,
-and keying on it would send every request to the same two engines (the Mooncake trace starts every prompt
-with the same 512 tokens), so the key starts after it. It is counted over requests, not over the engines
-that hold it: keyed on it, only two engines ever would. A conversation's own blocks are counted once per
-turn, so they stay below the threshold and its turns keep their key.
+The fleet-wide common prefix ends at the prompt's deepest block after which recent prompts went on in
+`common_fanout` different ways: a system prompt that many conversations start with. It says nothing
+about where a request belongs, and keying on it would send every request to the same two engines (the
+Mooncake trace starts every prompt with the same 512 tokens), so the key starts after it. Branching is
+the signal, not how many requests or engines hold a block: the turns of one conversation extend each
+other, so its own blocks never branch and its key stays put, while a system prompt branches as soon as
+a few conversations have started with it.
 
 Between the two: the one holding more of the prefix (the cache-affinity candidate), or the less loaded
 when neither holds more. The paper then migrates queued requests off hotspots to their other candidate;
@@ -28,8 +29,9 @@ from __future__ import annotations
 import bisect
 import functools
 import hashlib
+import itertools
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from fleetserve.routing.base import Decision, EngineView, FleetView, Policy, RequestInfo, require_candidates
 from fleetserve.routing.cache_aware import DEFAULT_MAX_BLOCKS, DEFAULT_MAX_BYTES, DEFAULT_TTL_S
@@ -40,8 +42,8 @@ _MASK64 = (1 << 64) - 1
 _SALT_PRIMARY = 0x5851F42D4C957F2D
 _SALT_SECONDARY = 0x14057B7EF767814F
 _RING_CACHE_SIZE = 32  # candidate sets differ per model, adapter and health state; keep the recent ones
-_POPULARITY_ENTRIES = 100_000
-_COUNTED_BEYOND_COMMON = 64  # blocks past the common prefix each request counts (1k tokens at 16)  # leading blocks whose request counts are kept, most recently seen first
+_BRANCHING_ENTRIES = 100_000  # blocks whose followers are kept, most recently seen first
+_SCANNED_BLOCKS = 256  # a common prefix (a system prompt) is looked for in the first 4k tokens at 16
 
 
 def mix64(value: int) -> int:
@@ -61,44 +63,55 @@ def _ring_points(name: str, engine_id: str, virtual_nodes: int) -> tuple[int, ..
     return tuple(stable_hash(f"{name}/{engine_id}#{i}") for i in range(virtual_nodes))
 
 
-class PrefixPopularity:
-    """How many requests started with each leading block, for the recently seen blocks (bounded, least
-    recently seen forgotten first): the blocks at least `threshold` requests started with are common."""
+class PrefixBranching:
+    """Where prompts branch: for each recently seen block (bounded, least recently seen forgotten first),
+    the distinct blocks that followed it, up to `fanout`. A block followed by `fanout` different blocks
+    ends a prefix that many different requests share."""
 
-    def __init__(self, threshold: int, max_entries: int) -> None:
-        self.threshold = threshold
+    def __init__(self, fanout: int, max_entries: int) -> None:
+        self.fanout = fanout
         self.max_entries = max_entries
-        self._counts: OrderedDict[int, int] = OrderedDict()
+        self._children: OrderedDict[int, set[int]] = OrderedDict()
 
     def common_blocks(self, block_hashes: Sequence[int]) -> int:
-        """How many leading blocks of this prompt are common."""
-        counts, threshold = self._counts, self.threshold
+        """The length of the prompt's prefix up to its deepest block that `fanout` continuations share
+        (0 when there is none), among its first `_SCANNED_BLOCKS` blocks."""
+        children, fanout = self._children, self.fanout
         common = 0
-        for block_hash in block_hashes:
-            if counts.get(block_hash, 0) < threshold:
+        for depth, block_hash in enumerate(block_hashes[:_SCANNED_BLOCKS], 1):
+            followers = children.get(block_hash)
+            if followers is None:  # no prompt seen went on past this block, so none went deeper
                 break
-            common += 1
+            if len(followers) >= fanout:
+                common = depth
         return common
 
-    def count(self, block_hashes: Sequence[int]) -> None:
-        """One more request started with these blocks."""
-        counts = self._counts
-        for block_hash in block_hashes:
-            counts[block_hash] = counts.get(block_hash, 0) + 1
-            counts.move_to_end(block_hash)
-        while len(counts) > self.max_entries:
-            counts.popitem(last=False)
+    def record(self, block_hashes: Sequence[int]) -> None:
+        """Note which block followed which among the prompt's first `_SCANNED_BLOCKS` + 1."""
+        children, fanout = self._children, self.fanout
+        for parent, child in itertools.pairwise(block_hashes[: _SCANNED_BLOCKS + 1]):
+            followers = children.get(parent)
+            if followers is None:
+                followers = children[parent] = set()
+            else:
+                children.move_to_end(parent)
+            if len(followers) < fanout:
+                followers.add(child)
+        while len(children) > self.max_entries:
+            children.popitem(last=False)
 
 
 class HashRing:
-    """A consistent-hash ring: each engine owns `virtual_nodes` points, a key belongs to the first point
-    at or after it (clockwise). Point positions depend only on the engine id and the ring's name."""
+    """A consistent-hash ring: each engine owns `virtual_nodes` points (times its weight, when `engines`
+    maps ids to weights), a key belongs to the first point at or after it (clockwise). Point positions
+    depend only on the engine id and the ring's name, so a weight change moves only that engine's arcs."""
 
-    def __init__(self, engine_ids: Iterable[str], name: str, virtual_nodes: int) -> None:
+    def __init__(self, engines: Iterable[str] | Mapping[str, float], name: str, virtual_nodes: int) -> None:
+        weights = engines if isinstance(engines, Mapping) else dict.fromkeys(engines, 1.0)
         points = sorted(
             (position, engine_id)
-            for engine_id in engine_ids
-            for position in _ring_points(name, engine_id, virtual_nodes)
+            for engine_id, weight in weights.items()
+            for position in _ring_points(name, engine_id, max(1, round(virtual_nodes * weight)))
         )
         if not points:
             raise ValueError("a hash ring needs at least one engine")
@@ -127,38 +140,40 @@ class DualMapPolicy(Policy):
         ttft_slo_ms: float | None = None,
         hotspot_factor: float = 2.0,
         hotspot_min_load: float = 4.0,
-        common_after: int = 32,
+        common_fanout: int = 3,
         max_tree_size: int = DEFAULT_MAX_BLOCKS,
         max_bytes: int = DEFAULT_MAX_BYTES,
         ttl_s: float = DEFAULT_TTL_S,
     ) -> None:
         """`ttft_slo_ms` applies to requests that carry no SLO of their own; `hotspot_factor` and
         `hotspot_min_load` define a hotspot: normalised load above both the factor times the candidates'
-        mean and the minimum; a leading block `common_after` requests started with is common to the fleet,
-        and the prefix key starts after the common blocks."""
+        mean and the minimum; a block that prompts went on from in `common_fanout` different ways ends the
+        fleet's common prefix, and the prefix key starts after it."""
         if prefix_blocks < 1 or virtual_nodes < 1:
             raise ValueError("prefix_blocks and virtual_nodes must be >= 1")
         if hotspot_factor <= 1.0:
             raise ValueError(f"hotspot_factor must be > 1, got {hotspot_factor}")
-        if common_after < 2:
-            raise ValueError(f"common_after must be >= 2, got {common_after}")
+        if common_fanout < 2:
+            raise ValueError(f"common_fanout must be >= 2, got {common_fanout}")
         self.prefix_blocks = prefix_blocks
         self.virtual_nodes = virtual_nodes
         self.ttft_slo_ms = ttft_slo_ms
         self.hotspot_factor = hotspot_factor
         self.hotspot_min_load = hotspot_min_load
-        self.popularity = PrefixPopularity(common_after, max_entries=min(max_tree_size, _POPULARITY_ENTRIES))
+        self.branching = PrefixBranching(common_fanout, max_entries=min(max_tree_size, _BRANCHING_ENTRIES))
         self.prefixes = PrefixMatcher(max_entries=max_tree_size, max_bytes=max_bytes, ttl_s=ttl_s)
         self._rings: OrderedDict[frozenset[str], tuple[HashRing, HashRing]] = OrderedDict()
 
-    def rings(self, engine_ids: Iterable[str]) -> tuple[HashRing, HashRing]:
-        """The primary and secondary rings over exactly these engines (cached per engine set)."""
-        members = frozenset(engine_ids)
+    def rings(self, engines: Iterable[str] | Mapping[str, float]) -> tuple[HashRing, HashRing]:
+        """The primary and secondary rings over exactly these engines, weighted when given a mapping of
+        engine id to capacity (cached per engine set and weights)."""
+        weights = dict(engines) if isinstance(engines, Mapping) else dict.fromkeys(engines, 1.0)
+        members = frozenset(weights.items())
         rings = self._rings.get(members)
         if rings is None:
             rings = (
-                HashRing(members, "primary", self.virtual_nodes),
-                HashRing(members, "secondary", self.virtual_nodes),
+                HashRing(weights, "primary", self.virtual_nodes),
+                HashRing(weights, "secondary", self.virtual_nodes),
             )
             self._rings[members] = rings
             if len(self._rings) > _RING_CACHE_SIZE:
@@ -180,10 +195,10 @@ class DualMapPolicy(Policy):
         return stable_hash(request.session if request.session is not None else request.request_id)
 
     def pair(
-        self, request: RequestInfo, engine_ids: Iterable[str], common_blocks: int = 0
+        self, request: RequestInfo, engines: Iterable[str] | Mapping[str, float], common_blocks: int = 0
     ) -> tuple[str, str]:
         """The request's two candidates (the same engine twice only when there is one engine)."""
-        primary_ring, secondary_ring = self.rings(engine_ids)
+        primary_ring, secondary_ring = self.rings(engines)
         key = self.prefix_key(request, common_blocks)
         primary = primary_ring.owner(mix64(key ^ _SALT_PRIMARY))
         secondary = primary
@@ -200,10 +215,11 @@ class DualMapPolicy(Policy):
             return Decision(candidates[0].engine_id, "only_candidate")
         by_id = {engine.engine_id: engine for engine in candidates}
         hashes = request.block_hashes or ()
-        common = self.popularity.common_blocks(hashes)
-        # count further than the key reaches, so a long system prompt is found common in one round
-        self.popularity.count(hashes[: common + _COUNTED_BEYOND_COMMON])
-        first_id, second_id = self.pair(request, by_id, common)
+        common = self.branching.common_blocks(hashes)
+        self.branching.record(hashes)
+        # rings weighted by capacity: on a mixed fleet an H100 owns more keys than an L4, as it should
+        capacities = {engine_id: engine.capacity for engine_id, engine in by_id.items()}
+        first_id, second_id = self.pair(request, capacities, common)
         first, second = by_id[first_id], by_id[second_id]
         first_blocks, second_blocks = matched.get(first_id, 0), matched.get(second_id, 0)
         if first_blocks != second_blocks:
