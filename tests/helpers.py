@@ -5,11 +5,14 @@ Tests synchronise by polling a condition with `wait_until`, never by sleeping a 
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -66,3 +69,15 @@ def pid_alive(pid: int) -> bool:
     # The state letter follows the parenthesised command name, which may itself contain spaces.
     state = stat[stat.rindex(")") + 2]
     return state not in "ZX"
+
+
+def stop_process_group(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """SIGTERM the process's group (it was started with `start_new_session=True`), SIGKILL it if it does
+    not exit within `timeout`, and reap it."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=timeout)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import signal
 import subprocess
 import sys
 import urllib.request
@@ -17,7 +15,7 @@ from typing import Any
 
 import pytest
 from openai import OpenAI
-from tests.helpers import free_port, pid_alive, wait_until
+from tests.helpers import free_port, pid_alive, stop_process_group, wait_until
 
 from fleetserve.model.catalog import default_catalog
 from fleetserve.model.cost import CostModel
@@ -67,13 +65,7 @@ def emulated_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         assert process.poll() is None, log.read_text()
         yield url
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
+        stop_process_group(process)
     assert not pid_alive(process.pid)
 
 

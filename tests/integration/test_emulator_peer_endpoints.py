@@ -4,8 +4,6 @@ process: SGLang's server and model info (old and new paths), vLLM's `/reset_pref
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +15,7 @@ import msgpack
 import pytest
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
-from tests.helpers import free_port, wait_until
+from tests.helpers import free_port, stop_process_group, wait_until
 
 from fleetserve import __version__
 
@@ -70,13 +68,7 @@ def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
         assert process.poll() is None, log_path.read_text()
         yield Emulator(url, kv_events, process)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_process_group(process)
 
 
 def metrics(url: str) -> dict[str, float]:

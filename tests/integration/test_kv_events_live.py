@@ -6,9 +6,7 @@ forgetting the engine's blocks."""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -18,7 +16,7 @@ from queue import Empty, Queue
 
 import openai
 import pytest
-from tests.helpers import free_port
+from tests.helpers import free_port, stop_process_group
 
 from fleetserve.fleet.kv_events import KVEventHub
 from fleetserve.model.kvcache import hash_prompt_blocks
@@ -64,13 +62,7 @@ class Emulator:
         raise RuntimeError("emulator did not become ready:\n" + "".join(self.output))
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_process_group(self.process)
 
 
 @pytest.fixture(scope="module")
