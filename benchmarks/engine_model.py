@@ -12,13 +12,13 @@ Prints three medians and appends a section to docs/benchmarks.md:
 from __future__ import annotations
 
 import argparse
-import platform
 import random
 import statistics
 import subprocess
 import time
 from pathlib import Path
 
+from common import cpu_model
 from fleetserve.model.engine import EngineModel
 from fleetserve.model.types import EngineRequest
 
@@ -68,13 +68,6 @@ def requests_per_s(count: int = 20_000) -> float:
     elapsed = time.perf_counter() - started
     assert finished == count, (finished, count)
     return count / elapsed
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

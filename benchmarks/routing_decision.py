@@ -21,6 +21,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from common import cpu_model
 from fleetserve.routing import POLICIES, EngineView, FleetView, RejectRequest, RequestInfo, make_policy
 from fleetserve.routing.prefix_index import PrefixIndex
 
@@ -158,13 +159,6 @@ def report(args: argparse.Namespace, entries: int, rows: list[str]) -> None:
     if not args.no_docs:
         with DOCS.open("a") as docs:
             docs.write("\n" + text)
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import datetime
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import yaml
 
+from common import answers, cpu_model, free_port, stop_process_group
 from fleetserve.bench.metrics import SLO
 from fleetserve.bench.runner import BenchConfig, BenchResult, run_bench
 from fleetserve.routing import POLICIES
@@ -50,20 +50,6 @@ MODEL = "mistral-7b"
 FLEET = (("h100", "h100-80g", 4), ("a100", "a100-80g", 4), ("l4", "l4", 8))
 # the cache-aware policies first, so a short run still shows the headline comparison
 ORDER = ("round_robin", "prefix_aware", "kv_cost", "dualmap", "scored", "slo_aware", "session")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:
@@ -92,16 +78,6 @@ def prefix_counters(urls: list[str]) -> tuple[float, float]:
 
 def spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
 
 
 def run_policy(
@@ -175,8 +151,8 @@ def run_policy(
         after = prefix_counters(urls)
     finally:
         if gateway is not None:
-            stop(gateway)
-        stop(engines)
+            stop_process_group(gateway)
+        stop_process_group(engines)
     queries = after[1] - before[1]
     return result, (after[0] - before[0]) / queries if queries else 0.0
 
@@ -213,14 +189,9 @@ def fmt(value: float | None, digits: int = 0) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
 def main() -> None:
+    # SIGTERM takes Ctrl-C's path, so the fleet and gateway of the run in progress are stopped on the way out
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--policies", default=",".join([*ORDER, *sorted(set(POLICIES) - set(ORDER))]))
     parser.add_argument("--window-s", type=float, default=900.0, help="the trace's first seconds")

@@ -33,7 +33,6 @@ import asyncio
 import datetime
 import os
 import platform
-import signal
 import socket
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from common import answers, cpu_model, stop_process_group
 from fleetserve.bench.metrics import SLO
 from fleetserve.bench.runner import BenchConfig, BenchResult, run_bench
 from fleetserve.cli.serve import busy_ports
@@ -196,14 +196,6 @@ def free_ports(count: int, host: str = "127.0.0.1") -> int:
     raise RuntimeError(f"found no {count} consecutive free ports")
 
 
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 def _metric_by_label(url: str, name: str, label: str) -> dict[str, float]:
     """Sum of a Prometheus metric's samples, per value of one label."""
     with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
@@ -231,18 +223,6 @@ def _wait_for(predicate: Callable[[], bool], timeout: float, what: str, process:
         time.sleep(0.1)
 
 
-def stop_process(process: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group (serve stops its engines on it), SIGKILL if it lingers."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
-
-
 def run_live(
     fleet_file: Path, config: FleetConfig, trace_file: Path, settings: TwinSettings, log: Path
 ) -> tuple[BenchResult, dict[str, int], float]:
@@ -256,7 +236,7 @@ def run_live(
     try:
         _wait_for(
             lambda: (
-                _answers(url + "/ready")
+                answers(url + "/ready")
                 and sum(_metric_by_label(url, "fleetserve_engine_routable", "engine").values()) == engines
             ),
             120,
@@ -286,7 +266,7 @@ def run_live(
                 ).values()
             )
     finally:
-        stop_process(server)
+        stop_process_group(server, timeout=15)
     engine_ttft = ttft_sum / ttft_count if ttft_count else float("nan")
     return result, {engine: int(count) for engine, count in sorted(shares.items()) if engine}, engine_ttft
 
@@ -396,13 +376,6 @@ def check_twin(
     return runs
 
 
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
 def report(
     runs: Sequence[PolicyRun], settings: TwinSettings, tolerance: float, margin: float, command: str
 ) -> tuple[str, bool]:
@@ -437,7 +410,7 @@ def report(
             "## Twin check: live gateway + emulated engines vs the simulator",
             "",
             f"- date: {datetime.datetime.now(datetime.UTC):%a %b %d %H:%M:%S UTC %Y}",
-            f"- machine: {os.cpu_count()} cores (nproc), {_cpu_model()}, Python {platform.python_version()}, "
+            f"- machine: {os.cpu_count()} cores (nproc), {cpu_model()}, Python {platform.python_version()}, "
             "shared with other jobs",
             f"- command: `{command}`",
             f"- fleet: {fleet} emulated engines serving {MODEL} via `fleetserve serve -c` "
