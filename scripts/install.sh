@@ -23,7 +23,23 @@ if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-# llama-cpp-python compiles llama.cpp from source (about 4 minutes on 2 cores); pip caches the wheel.
+
+# llama-cpp-python compiles llama.cpp from source (about 4 minutes on 2 cores). By default it builds for
+# the CPU it is built on (-march=native): on a machine whose CPU reports AMX or AVX-512 that the VM does
+# not let programs use, that build dies with "Illegal instruction" at the first token, and a wheel built on
+# one machine may be reused on another. So it is built once for the portable x86-64 AVX2 baseline, kept in
+# a wheel folder of its own (pip's cache would hand back a native build), and installed from there.
+llama_cpp_version=0.3.36
+if [ "$(uname -m)" = x86_64 ]; then
+  wheels=${FLEETSERVE_WHEELS:-$HOME/.cache/fleetserve/wheels/llama-cpp-avx2}
+  if ! ls "$wheels"/llama_cpp_python-"$llama_cpp_version"-*.whl >/dev/null 2>&1; then
+    echo "building llama-cpp-python $llama_cpp_version for x86-64 AVX2 (about 4 minutes)"
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
+      CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
+      .venv/bin/python -m pip wheel -q --no-deps --no-cache-dir -w "$wheels" "llama-cpp-python==$llama_cpp_version"
+  fi
+  .venv/bin/python -m pip install -q --find-links "$wheels" "llama-cpp-python[server]==$llama_cpp_version"
+fi
 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
   .venv/bin/python -m pip install -q -e '.[all]'
 echo "fleetserve installed in .venv ($(.venv/bin/fleetserve --version))"

@@ -6,6 +6,7 @@ validates it into typed objects and reports a bad key with its path and line in 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -75,6 +77,11 @@ class EngineGroup(_Strict):
     port: int | None = Field(None, ge=1, le=65535, description="First port for launched replicas.")
     adapters: list[str] = Field(default_factory=list, description="LoRA adapters loaded at start.")
     time_scale: float = Field(1.0, gt=0, description="Emulated engines: stretch every duration by this.")
+    forward_auth: bool = Field(
+        True,
+        description="Forward the client's Authorization header to this engine (an engine started with"
+        " --api-key needs it). Engines registered at run time through the admin API default to false.",
+    )
     kv_events: bool = Field(
         False,
         description="The engine publishes KV events over ZMQ on its HTTP port + 1000 (replay socket + 2000),"
@@ -100,11 +107,7 @@ class EngineGroup(_Strict):
             return None
         from fleetserve.protocol.tokenizer import json_tokenizer
 
-        path = Path(value).expanduser()
-        base_dir = (info.context or {}).get("base_dir")
-        if not path.is_absolute() and base_dir is not None:
-            path = Path(base_dir) / path
-        path = Path(os.path.normpath(path.absolute()))
+        path = _resolve(value, info)
         if not path.is_file():
             raise ValueError(f"tokenizer file {path} does not exist")
         try:
@@ -151,8 +154,53 @@ class GatewayConfig(_Strict):
     host: str = Field("127.0.0.1", description="Address the gateway listens on.")
     port: int = Field(8000, ge=0, le=65535, description="Gateway port (0 picks a free one).")
     admin_port: int | None = Field(None, ge=0, le=65535, description="Admin API port; off when unset.")
+    admin_token: SecretStr | None = Field(
+        None,
+        min_length=16,
+        description="Bearer token the admin API requires (`Authorization: Bearer ...`); at least 16"
+        " characters. Prefer `admin_token_file`, which keeps the secret out of the fleet file.",
+    )
+    admin_token_file: SecretStr | None = Field(
+        None,
+        description="File holding the admin token (relative to the fleet file; surrounding whitespace is"
+        " ignored). Read when the fleet file is loaded.",
+    )
+    admin_host: str = Field(
+        "127.0.0.1",
+        validate_default=True,  # its validator checks the admin token fields before it
+        description="Address the admin API listens on, apart from `host`: serving clients on 0.0.0.0 does"
+        " not expose the admin API. Anything but loopback requires an admin token.",
+    )
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Larger request bodies get 413.")
-    max_queue: int = Field(1024, ge=1, description="Requests in flight at the gateway before 429.")
+    max_header_bytes: int = Field(
+        32 * 1024, ge=1024, description="Request line plus headers larger than this get 431."
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="Time to receive a whole request body once its headers arrived; then 408."
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Time from a connection's first byte (or a keep-alive request's) to the end of its"
+        " headers; a connection that sends nothing is closed after this too. Then 408.",
+    )
+    idle_timeout_s: float = Field(
+        15.0,
+        gt=0,
+        description="A keep-alive connection idle this long after its last response is closed (longer"
+        " than the 5 s clients such as httpx keep idle connections, so they close theirs first).",
+    )
+    max_pending_connections: int = Field(
+        1024,
+        ge=1,
+        description="Connections that have not yet sent a whole request; more are answered 503 and closed.",
+    )
+    max_pending_per_client: int = Field(
+        64, ge=1, description="The same bound per client address, so one client cannot take them all."
+    )
+    max_queue: int = Field(
+        1024, ge=1, description="Requests in flight at the gateway (bodies read) before 429."
+    )
     max_retries: int = Field(2, ge=0, description="Retries on another engine before the first byte.")
     connect_timeout_s: float = Field(2.0, gt=0, description="Upstream connect timeout.")
     first_token_timeout_s: float = Field(60.0, gt=0, description="Upstream time to first byte.")
@@ -161,6 +209,62 @@ class GatewayConfig(_Strict):
     health_interval_s: float = Field(1.0, gt=0, description="Active health-check period.")
     eject_after_failures: int = Field(3, ge=1, description="Consecutive failures before ejection.")
     eject_duration_s: float = Field(5.0, gt=0, description="Time an ejected engine waits for a probe.")
+
+    @field_validator("admin_token_file")
+    @classmethod
+    def _read_admin_token(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        """Resolve the path against the fleet file's folder and read the token now, so a missing file
+        fails when the fleet file is read. The field then holds the token itself."""
+        if value is None:
+            return None
+        path = _resolve(value.get_secret_value(), info)
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read admin token file {path}: {exc.strerror}") from None
+        if len(token) < 16:
+            raise ValueError(f"the admin token in {path} must have at least 16 characters")
+        return SecretStr(token)
+
+    @field_validator("admin_host")
+    @classmethod
+    def _admin_needs_token_off_loopback(cls, host: str, info: ValidationInfo) -> str:
+        # the fields before this one are validated already (a bad token file reports itself)
+        data = info.data
+        if data.get("admin_token") is not None and data.get("admin_token_file") is not None:
+            raise ValueError("set admin_token or admin_token_file, not both")
+        has_token = data.get("admin_token") is not None or data.get("admin_token_file") is not None
+        if data.get("admin_port") is not None and not is_loopback(host) and not has_token:
+            raise ValueError(
+                f"the admin API on {host} is reachable from other machines: set"
+                " gateway.admin_token_file (or admin_token), or keep admin_host on loopback"
+            )
+        return host
+
+    @property
+    def admin_secret(self) -> str | None:
+        """The admin token, from whichever of the two fields set it."""
+        secret = self.admin_token or self.admin_token_file
+        return None if secret is None else secret.get_secret_value()
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _resolve(value: str, info: ValidationInfo) -> Path:
+    """A path from the fleet file, taken from the fleet file's folder when relative."""
+    path = Path(value).expanduser()
+    base_dir = (info.context or {}).get("base_dir")
+    if not path.is_absolute() and base_dir is not None:
+        path = Path(base_dir) / path
+    return Path(os.path.normpath(path.absolute()))
 
 
 class EmulatorConfig(_Strict):

@@ -8,6 +8,8 @@ Its behaviour can be changed at run time with `POST /control {"mode": ...}`:
     die_on_request          exit the process as soon as a completion request arrives
     die_mid_stream          stream `die_after` chunks plus half of the next event, then exit
     error                   answer completions with HTTP 500
+and `{"linger_after_done_s": S}` holds a stream open S seconds after its `data: [DONE]`.
+`GET /control` returns the state, with the Authorization header of the last completion request.
 Every completion answer carries the server's name, so a test can tell which engine served it.
 """
 
@@ -23,12 +25,13 @@ from aiohttp import web
 
 
 def build_app(args: argparse.Namespace) -> web.Application:
-    state: dict[str, object] = {"mode": "ok", "die_after": 2}
+    state: dict[str, object] = {"mode": "ok", "die_after": 2, "linger_after_done_s": 0, "authorization": None}
     counters = {"running": 0, "served": 0}
     forever = asyncio.Event()
 
     async def control(request: web.Request) -> web.Response:
-        state.update(await request.json())
+        if request.method == "POST":
+            state.update(await request.json())
         return web.json_response(state)
 
     async def health(request: web.Request) -> web.Response:
@@ -56,6 +59,7 @@ def build_app(args: argparse.Namespace) -> web.Application:
 
     async def completion(request: web.Request) -> web.StreamResponse:
         body = orjson.loads(await request.read())
+        state["authorization"] = request.headers.get("Authorization")
         mode = state["mode"]
         if mode == "hang":
             await forever.wait()
@@ -115,11 +119,13 @@ def build_app(args: argparse.Namespace) -> web.Application:
                 os._exit(4)
             await response.write(event)
         await response.write(b"data: [DONE]\n\n")
+        await asyncio.sleep(float(state["linger_after_done_s"]))  # type: ignore[arg-type]
         await response.write_eof()
         return response
 
     app = web.Application()
     app.router.add_post("/control", control)
+    app.router.add_get("/control", control)
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/metrics", metrics)

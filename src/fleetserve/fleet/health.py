@@ -17,6 +17,7 @@ import enum
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import aiohttp
 import orjson
@@ -89,6 +90,13 @@ class EngineHealth:
         if self.state is HealthState.HEALTHY and self.request_failures >= self.eject_after_failures:
             self._eject(now)
 
+    def unreachable(self, now: float) -> None:
+        """Nothing accepts connections at the engine's address: it is down, not slow. Eject at once
+        (a starting engine is still loading, which is no fault)."""
+        self.tick(now)
+        if self.state in (HealthState.HEALTHY, HealthState.HALF_OPEN):
+            self._eject(now)
+
     def _eject(self, now: float) -> None:
         self.ejections += 1
         multiplier = min(2 ** (self.ejections - 1), MAX_EJECT_MULTIPLIER)
@@ -137,7 +145,9 @@ class HealthChecker:
         entries = await self._fetch(engine)
         now = self._clock()
         before = engine.health.state
-        if entries is None:
+        if entries == "refused":
+            engine.health.unreachable(now)
+        elif entries is None:
             engine.health.probe_failed(now)
         else:
             engine.models = entries
@@ -146,7 +156,8 @@ class HealthChecker:
             log.info("engine %s: %s -> %s", engine.engine_id, before.value, engine.health.state.value)
             self._registry.changed()
 
-    async def _fetch(self, engine: EngineState) -> tuple[ModelEntry, ...] | None:
+    async def _fetch(self, engine: EngineState) -> tuple[ModelEntry, ...] | Literal["refused"] | None:
+        """The engine's model entries; None when a probe fails; "refused" when nothing listens."""
         try:
             async with self._session.get(engine.url + "/health", timeout=self._timeout) as response:
                 # 404: a server without a health endpoint (llama-cpp-python's); /v1/models alone decides
@@ -157,6 +168,9 @@ class HealthChecker:
                 if response.status != 200:
                     return None
                 body = orjson.loads(await response.read())
+        except aiohttp.ClientConnectorError as exc:
+            log.debug("probe of %s refused: %r", engine.engine_id, exc)
+            return "refused"
         except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
             log.debug("probe of %s failed: %r", engine.engine_id, exc)
             return None

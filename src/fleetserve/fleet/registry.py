@@ -41,6 +41,7 @@ class EngineState:
     max_loras: int = 0
     block_size: int = 16
     time_scale: float = 1.0  # an emulated engine's: its durations are the engine model's times this
+    forward_auth: bool = True  # clients' Authorization headers go to this engine
     models: tuple[ModelEntry, ...] = ()  # from the engine's last good /v1/models
     metrics: EngineMetrics | None = None
     in_flight: int = field(default=0, init=False)

@@ -1,20 +1,29 @@
 """The admin API, on its own port and off unless `gateway.admin_port` is set: list, add and remove
-engines while the gateway runs. It is not for clients, so it lives apart from the OpenAI endpoints."""
+engines while the gateway runs. It is not for clients, so it lives apart from the OpenAI endpoints, on its
+own address (`gateway.admin_host`, loopback by default), and with a token it asks for every request as
+`Authorization: Bearer TOKEN`, compared in constant time. An engine registered here is someone else's
+URL: the gateway does not forward clients' Authorization headers to it unless `forward_auth` is true."""
 
 from __future__ import annotations
 
+import hmac
+import logging
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fleetserve.config import MetricsDialect
 from fleetserve.fleet.registry import EngineState
 from fleetserve.gateway.app import Gateway
 from fleetserve.protocol.errors import error_body
+
+log = logging.getLogger(__name__)
 
 
 class NewEngine(BaseModel):
@@ -29,6 +38,9 @@ class NewEngine(BaseModel):
     adapters: list[str] = Field(default_factory=list)
     block_size: int = Field(16, ge=1)
     max_loras: int = Field(0, ge=0)
+    forward_auth: bool = Field(
+        False, description="Forward clients' Authorization headers to this engine (off: they stay here)."
+    )
     kv_events_endpoint: str | None = Field(
         None, pattern=r"^tcp://", description="ZMQ endpoint the engine publishes KV events on."
     )
@@ -46,6 +58,7 @@ def describe(engine: EngineState) -> dict[str, Any]:
         "gpu": engine.gpu,
         "tp": engine.tp,
         "dialect": engine.dialect,
+        "forward_auth": engine.forward_auth,
         "adapters": sorted(engine.adapters),
         "state": engine.health.state.value,
         "in_flight": engine.in_flight,
@@ -56,7 +69,10 @@ def describe(engine: EngineState) -> dict[str, Any]:
     }
 
 
-def admin_app(gateway: Gateway) -> Starlette:
+def admin_app(gateway: Gateway, token: str | None = None) -> Starlette:
+    """The admin API of `gateway`; with `token`, every request must carry it as a bearer token."""
+    expected = None if token is None else f"Bearer {token}".encode("latin-1")
+
     async def list_engines(request: Request) -> Response:
         return JSONResponse({"engines": [describe(engine) for engine in gateway.registry.engines()]})
 
@@ -77,6 +93,7 @@ def admin_app(gateway: Gateway) -> Starlette:
             adapters=spec.adapters,
             block_size=spec.block_size,
             max_loras=spec.max_loras,
+            forward_auth=spec.forward_auth,
             kv_events=(
                 (spec.kv_events_endpoint, spec.kv_replay_endpoint)
                 if spec.kv_events_endpoint is not None
@@ -96,7 +113,47 @@ def admin_app(gateway: Gateway) -> Starlette:
             Route("/engines", list_engines, methods=["GET"]),
             Route("/engines", add_engine, methods=["POST"]),
             Route("/engines/{engine_id}", remove_engine, methods=["DELETE"]),
-        ]
+        ],
+        middleware=[Middleware(_TokenCheck, expected=expected)],
+        exception_handlers={404: _not_found, 405: _not_allowed, Exception: _internal_error},
+    )
+
+
+class _TokenCheck:
+    """Refuses every request without the expected `Authorization` header, before any route runs."""
+
+    def __init__(self, app: ASGIApp, expected: bytes | None) -> None:
+        self.app = app
+        self.expected = expected
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.expected is not None and scope["type"] == "http":
+            sent = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(sent, self.expected):
+                response = JSONResponse(
+                    error_body(401, "the admin API needs `Authorization: Bearer <admin token>`"),
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    return JSONResponse(error_body(404, f"no route {request.url.path}"), status_code=404)
+
+
+async def _not_allowed(request: Request, exc: Exception) -> Response:
+    return JSONResponse(
+        error_body(405, f"{request.method} is not allowed on {request.url.path}"), status_code=405
+    )
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    log.error("admin API: %s %s failed", request.method, request.url.path, exc_info=exc)
+    return JSONResponse(
+        error_body(500, "internal error in the admin API; see the gateway's log"), status_code=500
     )
 
 

@@ -18,7 +18,8 @@ CHARS_PER_TOKEN = 4
 
 
 class AdmissionGate:
-    """Counts requests inside the gateway; beyond `max_queue` new ones get 429 with Retry-After."""
+    """Counts requests inside the gateway (bodies read, not yet answered); beyond `max_queue` new ones get
+    429 with Retry-After."""
 
     def __init__(self, max_queue: int, retry_after_s: int = 1) -> None:
         self.max_queue = max_queue
@@ -115,7 +116,12 @@ def _chat_prompt_len(payload: dict[str, Any]) -> int:
         if isinstance(content, str):
             chars += len(content)
         elif isinstance(content, list):
-            chars += sum(len(part.get("text", "")) for part in content if isinstance(part, dict))
+            # a part's text may be anything a client sends (null, a number): only strings have a length
+            chars += sum(
+                len(text)
+                for part in content
+                if isinstance(part, dict) and isinstance(text := part.get("text"), str)
+            )
     return chars // CHARS_PER_TOKEN + 1
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Coroutine, Iterable
@@ -29,6 +30,7 @@ from fleetserve.gateway.proxy import Proxy
 from fleetserve.gateway.tokens import PromptTokenizer
 from fleetserve.model.catalog import Catalog, default_catalog
 from fleetserve.protocol.errors import APIError
+from fleetserve.protocol.sse import DONE, sse_error
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ class Gateway:
             tokenizer=PromptTokenizer(catalog or default_catalog(), config.model_tokenizers()),
         )
         self._session: aiohttp.ClientSession | None = None
+        self._incidents = itertools.count(1)
         self._health: HealthChecker | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._pending: set[asyncio.Task[object]] = set()  # KV-event subscriptions being set up or closed
@@ -88,6 +91,7 @@ class Gateway:
                 max_loras=group.engine_args.max_loras,
                 kv_events=instance.kv_event_endpoints(),
                 time_scale=group.time_scale if group.kind == "emulated" else 1.0,
+                forward_auth=group.forward_auth,
             )
 
     # -- engines ---------------------------------------------------------------------------------
@@ -106,9 +110,12 @@ class Gateway:
         max_loras: int = 0,
         kv_events: tuple[str, str | None] | None = None,
         time_scale: float = 1.0,
+        forward_auth: bool = False,
     ) -> EngineState:
         """Register an engine; it takes traffic once a health probe finds it ready. `kv_events` are the
-        ZMQ publish and replay endpoints of an engine that publishes KV events."""
+        ZMQ publish and replay endpoints of an engine that publishes KV events; `forward_auth` lets
+        clients' Authorization headers through to it (off by default: an engine added at run time is a URL
+        someone gave the admin API, and client keys are not theirs to see)."""
         settings = self.config.gateway
         engine = EngineState(
             engine_id=engine_id,
@@ -122,6 +129,7 @@ class Gateway:
             block_size=block_size,
             max_loras=max_loras,
             time_scale=time_scale,
+            forward_auth=forward_auth,
         )
         self.registry.add(engine)
         self.views.refresh_capacities()
@@ -211,9 +219,30 @@ class Gateway:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            await self._http(scope, receive, send)
+            try:
+                await self._http(scope, receive, send)
+            except Exception:
+                await self._crashed(scope, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
+
+    async def _crashed(self, scope: Scope, send: Send) -> None:
+        """The last resort for a bug: log it with an id the client also gets, and answer OpenAI-shaped
+        JSON, never the server's text/plain page. A stream already under way ends with an error event."""
+        incident = f"fs-err-{next(self._incidents)}"
+        log.exception("%s: %s %s failed", incident, scope.get("method"), scope.get("path"))
+        error = APIError(500, f"internal error in the gateway (incident {incident}); see the gateway's log")
+        try:
+            await send_error(send, error)
+        except RuntimeError:  # the response has started: finish it the way a failed stream ends
+            with contextlib.suppress(Exception):
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": sse_error(500, error.message, error.error_type) + DONE,
+                        "more_body": False,
+                    }
+                )
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path, method = scope["path"], scope["method"]

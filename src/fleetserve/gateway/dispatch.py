@@ -116,6 +116,11 @@ class Dispatcher:
         self._metrics.decisions.labels(policy.name, decision.reason).inc()
         return engine, decision
 
+    def health_changed(self) -> None:
+        """An engine's health moved outside the health checker (a request failed): views and the model
+        listing must not keep the old state."""
+        self._registry.changed()
+
     def dispatched(self, policy: Policy, request: RequestInfo, engine: EngineState, now: float) -> None:
         EngineRegistry.dispatched(engine)
         policy.on_dispatch(request, engine.engine_id, now)

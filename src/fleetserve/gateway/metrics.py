@@ -6,9 +6,10 @@ collide; engine state is exported by a collector that reads the registry at scra
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -75,9 +76,24 @@ class GatewayMetrics:
             registry=self.registry,
         )
         self.registry.register(_EngineCollector(engines, kv_events))
+        # resident memory, open file descriptors and CPU of the gateway process (what a soak run watches)
+        ProcessCollector(registry=self.registry)
+        self.tasks = Gauge(
+            "fleetserve_gateway_asyncio_tasks",
+            "asyncio tasks alive in the gateway's event loop (requests, probes, scrapes, subscriptions).",
+            registry=self.registry,
+        )
+        self.tasks.set_function(_task_count)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _task_count() -> float:
+    try:
+        return float(len(asyncio.all_tasks()))
+    except RuntimeError:  # scraped from outside a running loop (a test calling exposition() directly)
+        return 0.0
 
 
 class _EngineCollector(Collector):

@@ -9,6 +9,7 @@ a byte, a failed attempt (refused connection, 5xx, timeout, engine gone) is retr
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,10 +34,14 @@ from fleetserve.protocol.errors import APIError
 from fleetserve.protocol.sse import DONE, sse_error
 from fleetserve.routing import Decision, Policy, RequestInfo
 
+log = logging.getLogger(__name__)
+
 # statuses that blame the engine: the request may succeed elsewhere
 RETRYABLE_STATUS = frozenset({500, 502, 503, 504})
 CLIENT_CLOSED = 499  # nginx's convention for "the client went away", used as a metric label only
 EVENT_SEPARATORS = (b"\n\n", b"\r\n\r\n")
+UPSTREAM_HEADERS = {"content-type": "application/json"}
+DONE_EVENTS = (b"data: [DONE]\n\n", b"data: [DONE]\r\n\r\n")
 
 
 @dataclass(slots=True)
@@ -48,10 +53,17 @@ class Exchange:
     path: str
     info: RequestInfo
     policy: Policy
-    forward_headers: dict[str, str]
+    headers: dict[str, str]  # sent to every engine
     arrival: float
     send: Send
-    completing: bool = False  # the last byte is being sent; a disconnect now changes nothing
+    headers_with_auth: dict[str, str] | None = None  # plus the client's Authorization, for trusted engines
+    engine_id: str = ""  # the engine of the current attempt
+    completing: bool = False  # the answer is complete for the client; a disconnect now changes nothing
+
+    def headers_for(self, engine: EngineState) -> dict[str, str]:
+        if engine.forward_auth and self.headers_with_auth is not None:
+            return self.headers_with_auth
+        return self.headers
 
 
 class Proxy:
@@ -83,33 +95,52 @@ class Proxy:
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, endpoint: Endpoint) -> None:
         arrival = self._clock()
+        headers = header_map(scope)
+        # a request takes a place in the queue only once its body is complete: a client that stalls
+        # mid-body waits out body_timeout_s on its own connection instead of locking others out
         try:
+            body = await self._read_body(receive, headers)
             self.gate.enter()
+        except ClientGone:
+            self._count("", "", CLIENT_CLOSED)
+            return
         except APIError as error:
             self._count("", "", error.status)
             await send_error(send, error)
             return
         self._metrics.in_flight.inc()
         try:
-            await self._admitted(scope, receive, send, endpoint, arrival)
+            await self._admitted(scope, receive, send, endpoint, arrival, headers, body)
         finally:
             self._metrics.in_flight.dec()
             self.gate.leave()
 
+    async def _read_body(self, receive: Receive, headers: dict[bytes, bytes]) -> bytes:
+        limit = self._config.body_timeout_s
+        try:
+            async with asyncio.timeout(limit):
+                return await read_body(receive, headers.get(b"content-length"), self._config.max_body_bytes)
+        except TimeoutError:
+            raise APIError(
+                408, f"the request body did not arrive within {limit:g} s", headers={"Connection": "close"}
+            ) from None
+
     async def _admitted(
-        self, scope: Scope, receive: Receive, send: Send, endpoint: Endpoint, arrival: float
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        endpoint: Endpoint,
+        arrival: float,
+        headers: dict[bytes, bytes],
+        body: bytes,
     ) -> None:
-        headers = header_map(scope)
         model = ""
         try:
-            body = await read_body(receive, headers.get(b"content-length"), self._config.max_body_bytes)
             parsed = parse_request(body, endpoint)
             model = parsed.model
             base_model, adapter = self._models.resolve(model)
             policy = self._dispatcher.policy_for(headers.get(b"x-fleetserve-policy"))
-        except ClientGone:
-            self._count(model, "", CLIENT_CLOSED)
-            return
         except APIError as error:
             self._count(model, "", error.status)
             await send_error(send, error)
@@ -134,10 +165,12 @@ class Proxy:
             tpot_slo_ms=slo.tpot_ms if slo else None,
             arrival_time=arrival,
         )
-        forward_headers = {"content-type": "application/json"}
+        exchange = Exchange(parsed, body, scope["path"], info, policy, UPSTREAM_HEADERS, arrival, send)
         if b"authorization" in headers:
-            forward_headers["authorization"] = headers[b"authorization"].decode("latin-1")
-        exchange = Exchange(parsed, body, scope["path"], info, policy, forward_headers, arrival, send)
+            exchange.headers_with_auth = {
+                **UPSTREAM_HEADERS,
+                "authorization": headers[b"authorization"].decode("latin-1"),
+            }
         await self._until_disconnect(exchange, receive)
 
     async def _until_disconnect(self, exchange: Exchange, receive: Receive) -> None:
@@ -161,7 +194,7 @@ class Proxy:
             if not client_gone:
                 raise
             task.uncancel()
-            self._count(exchange.parsed.model, "", CLIENT_CLOSED)
+            self._count(exchange.parsed.model, exchange.engine_id, CLIENT_CLOSED)
         except APIError as error:
             self._count(exchange.parsed.model, "", error.status)
             exchange.completing = True
@@ -188,6 +221,7 @@ class Proxy:
             if attempt:
                 self._metrics.retries.labels(exchange.parsed.model).inc()
             self._dispatcher.dispatched(exchange.policy, exchange.info, engine, now)
+            exchange.engine_id = engine.engine_id
             try:
                 failure = await self._attempt(exchange, engine, decision)
             finally:
@@ -211,7 +245,7 @@ class Proxy:
         try:
             async with asyncio.timeout(first_byte_limit):
                 response = await self._session().post(
-                    engine.url + exchange.path, data=exchange.body, headers=exchange.forward_headers
+                    engine.url + exchange.path, data=exchange.body, headers=exchange.headers_for(engine)
                 )
                 if response.status in RETRYABLE_STATUS:
                     message = f"engine {engine.engine_id} answered {response.status}"
@@ -227,7 +261,12 @@ class Proxy:
             )
         except aiohttp.ClientError as exc:
             failure = self._failed(
-                engine, "connect", 502, f"engine {engine.engine_id} failed: {_describe(exc)}"
+                engine,
+                "connect",
+                502,
+                f"engine {engine.engine_id} failed: {_describe(exc)}",
+                # nothing listens: eject now rather than after more requests fail the same way
+                unreachable=isinstance(exc, aiohttp.ClientConnectorError),
             )
         if failure is not None:
             if response is not None:
@@ -284,7 +323,11 @@ class Proxy:
                     data = pending + chunk if pending else chunk
                     cut = _last_event_end(data)
                     if cut:
-                        await send({"type": "http.response.body", "body": data[:cut], "more_body": True})
+                        events = data[:cut]
+                        # a client may close as soon as it has [DONE] (guidellm does): that is a success
+                        if events.endswith(DONE_EVENTS):
+                            exchange.completing = True
+                        await send({"type": "http.response.body", "body": events, "more_body": True})
                         now = self._clock()
                         inter_token.observe(now - last_sent)
                         last_sent = now
@@ -320,13 +363,28 @@ class Proxy:
             headers.append((b"x-fleetserve-route", f"{decision.engine_id};{decision.reason}".encode()))
         return {"type": "http.response.start", "status": response.status, "headers": headers}
 
-    def _failed(self, engine: EngineState, kind: str, status: int, message: str) -> APIError:
-        self._note_failure(engine, kind)
+    def _failed(
+        self, engine: EngineState, kind: str, status: int, message: str, *, unreachable: bool = False
+    ) -> APIError:
+        self._note_failure(engine, kind, unreachable=unreachable)
         return APIError(status, message)
 
-    def _note_failure(self, engine: EngineState, kind: str) -> None:
+    def _note_failure(self, engine: EngineState, kind: str, *, unreachable: bool = False) -> None:
         self._metrics.upstream_errors.labels(engine.engine_id, kind).inc()
-        engine.health.request_failed(self._clock())
+        health = engine.health
+        was_routable = health.routable
+        if unreachable:
+            health.unreachable(self._clock())
+        else:
+            health.request_failed(self._clock())
+        if was_routable and not health.routable:
+            log.warning(
+                "engine %s ejected for %.1f s after a failed request (%s)",
+                engine.engine_id,
+                health.ejected_until - self._clock(),
+                kind,
+            )
+            self._dispatcher.health_changed()
 
     def _count(self, model: str, engine_id: str, status: int) -> None:
         self._metrics.requests.labels(model, engine_id, str(status)).inc()

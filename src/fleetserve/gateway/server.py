@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 
 import uvicorn
 import uvloop
 
-from fleetserve.config import FleetConfig
+from fleetserve.config import FleetConfig, GatewayConfig
 from fleetserve.gateway.admin import admin_app
 from fleetserve.gateway.app import Gateway
+from fleetserve.gateway.connections import ConnectionLimits, guarded_protocol
+
+log = logging.getLogger(__name__)
 
 
 class _QuietServer(uvicorn.Server):
@@ -36,11 +40,26 @@ async def run_gateway(
     settings = config.gateway
     gateway = gateway or Gateway(config, policy=policy)
     main = uvicorn.Server(
-        _uvicorn_config(gateway, settings.host, settings.port if port is None else port, "on")
+        _uvicorn_config(gateway, settings, settings.host, settings.port if port is None else port, "on")
     )
     admin = None
     if settings.admin_port is not None:
-        admin = _QuietServer(_uvicorn_config(admin_app(gateway), settings.host, settings.admin_port, "off"))
+        if settings.admin_secret is None:
+            log.warning(
+                "the admin API on %s:%s has no token: any local process can add or remove engines; set"
+                " gateway.admin_token_file",
+                settings.admin_host,
+                settings.admin_port,
+            )
+        admin = _QuietServer(
+            _uvicorn_config(
+                admin_app(gateway, settings.admin_secret),
+                settings,
+                settings.admin_host,
+                settings.admin_port,
+                "off",
+            )
+        )
     serving = asyncio.create_task(main.serve())
     admin_serving = asyncio.create_task(admin.serve()) if admin else None
     try:
@@ -72,13 +91,16 @@ def serve_gateway(
     uvloop.run(run_gateway(config, port=port, policy=policy, on_ready=on_ready))
 
 
-def _uvicorn_config(app: object, host: str, port: int, lifespan: str) -> uvicorn.Config:
+def _uvicorn_config(
+    app: object, settings: GatewayConfig, host: str, port: int, lifespan: str
+) -> uvicorn.Config:
     return uvicorn.Config(
         app,  # type: ignore[arg-type]
         host=host,
         port=port,
         loop="none",  # the caller's loop (uvloop under serve_gateway and the CLI)
-        http="httptools",
+        http=guarded_protocol(ConnectionLimits.of(settings)),
+        timeout_keep_alive=settings.idle_timeout_s,  # type: ignore[arg-type]
         lifespan=lifespan,  # type: ignore[arg-type]
         log_level="warning",
         access_log=False,

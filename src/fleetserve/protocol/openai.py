@@ -13,11 +13,22 @@ import uuid
 from typing import Any, Literal, TypeVar
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from fleetserve.protocol.errors import APIError
 
 MAX_STOP_SEQUENCES = 64  # bounded like everything else; vLLM itself has no limit
+MAX_TOOLS = 128
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # vLLM's (and OpenAI's) default for /v1/completions
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # vLLM's range: a torch.long
 
 # ---------------------------------------------------------------------------------------------------
 # requests
@@ -43,12 +54,21 @@ class _GenerationRequest(_Lenient):
     stop_token_ids: list[int] | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     priority: int = 0
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("stream", "n", mode="before")
+    @classmethod
+    def _null_is_absent(cls, value: Any, info: ValidationInfo) -> Any:
+        """vLLM (and OpenAI) read `"stream": null` and `"n": null` as the field left out."""
+        if value is None:
+            return cls.model_fields[info.field_name].default
+        return value
 
     @property
     def include_usage(self) -> bool:
@@ -81,10 +101,16 @@ class CompletionRequest(_GenerationRequest):
     """POST /v1/completions. One prompt per request: a string or a list of token ids."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = DEFAULT_COMPLETION_MAX_TOKENS  # absent: 16; null: the room left in the context
     logprobs: int | None = None
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
+
+    @field_validator("echo", mode="before")
+    @classmethod
+    def _null_echo_is_absent(cls, value: Any) -> Any:
+        return False if value is None else value
 
     @model_validator(mode="after")
     def _check(self) -> CompletionRequest:
@@ -126,8 +152,10 @@ class ChatCompletionRequest(_GenerationRequest):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
@@ -137,7 +165,33 @@ class ChatCompletionRequest(_GenerationRequest):
             raise _FieldError("logprobs", "logprobs are not supported by this engine; omit the field.")
         for message in self.messages:
             message.text()  # rejects non-text content parts here, as a 400
+        self.forced_tool()  # a tool_choice that names no defined tool is a 400 here
         return self
+
+    def forced_tool(self) -> dict[str, Any] | None:
+        """The function the model must call (`tool_choice` "required": the first tool; a named function:
+        that one), as the tool's `function` object; None when the model answers in text."""
+        choice = self.tool_choice
+        if choice is None or choice in ("none", "auto"):
+            return None
+        tools = self.tools or []
+        if len(tools) > MAX_TOOLS:
+            raise _FieldError("tools", f"at most {MAX_TOOLS} tools are accepted.")
+        functions = [tool.get("function") for tool in tools if isinstance(tool, dict)]
+        functions = [f for f in functions if isinstance(f, dict) and isinstance(f.get("name"), str)]
+        if choice == "required":
+            if not functions:
+                raise _FieldError("tool_choice", "tool_choice 'required' needs at least one tool in `tools`.")
+            return functions[0]
+        if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+            name = choice["function"].get("name")
+            for function in functions:
+                if function["name"] == name:
+                    return function
+            raise _FieldError("tool_choice", f"tool_choice names the function {name!r}, which `tools` lacks.")
+        raise _FieldError(
+            "tool_choice", "tool_choice must be 'none', 'auto', 'required' or {'type': 'function', ...}."
+        )
 
     @property
     def output_limit(self) -> int | None:
@@ -252,6 +306,10 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
     }
 
 
+def tool_call_id() -> str:
+    return f"chatcmpl-tool-{uuid.uuid4().hex}"
+
+
 def completion_response(
     response_id: str,
     created: int,
@@ -259,6 +317,7 @@ def completion_response(
     text: str,
     finish_reason: str | None,
     usage_info: dict[str, Any],
+    stop_reason: str | int | None = None,
 ) -> dict[str, Any]:
     return {
         "id": response_id,
@@ -271,7 +330,7 @@ def completion_response(
                 "text": text,
                 "logprobs": None,
                 "finish_reason": finish_reason,
-                "stop_reason": None,
+                "stop_reason": stop_reason,
                 "prompt_logprobs": None,
             }
         ],
@@ -280,7 +339,12 @@ def completion_response(
 
 
 def completion_chunk(
-    response_id: str, created: int, model: str, text: str, finish_reason: str | None = None
+    response_id: str,
+    created: int,
+    model: str,
+    text: str,
+    finish_reason: str | None = None,
+    stop_reason: str | int | None = None,
 ) -> dict[str, Any]:
     return {
         "id": response_id,
@@ -288,7 +352,13 @@ def completion_chunk(
         "created": created,
         "model": model,
         "choices": [
-            {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason, "stop_reason": None}
+            {
+                "index": 0,
+                "text": text,
+                "logprobs": None,
+                "finish_reason": finish_reason,
+                "stop_reason": stop_reason,
+            }
         ],
     }
 
@@ -297,9 +367,12 @@ def chat_response(
     response_id: str,
     created: int,
     model: str,
-    content: str,
+    content: str | None,
     finish_reason: str | None,
     usage_info: dict[str, Any],
+    *,
+    stop_reason: str | int | None = None,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     return {
         "id": response_id,
@@ -313,11 +386,11 @@ def chat_response(
                     "role": "assistant",
                     "content": content,
                     "reasoning_content": None,
-                    "tool_calls": [],
+                    "tool_calls": tool_calls or [],
                 },
                 "logprobs": None,
                 "finish_reason": finish_reason,
-                "stop_reason": None,
+                "stop_reason": stop_reason,
             }
         ],
         "usage": usage_info,

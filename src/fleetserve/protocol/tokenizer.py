@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 _PIECE = re.compile(r" ?[^\W\d_]{1,4}| ?\d{1,3}| ?(?:[^\w\s]|_){1,4}|\s+(?!\S)|\s+")
+_WORD_TOKEN = re.compile(r" [a-z]{2,8}")
 _RESERVED_IDS = 256  # low ids stay free for special tokens, as in real vocabularies
 
 
@@ -26,6 +27,14 @@ class Tokenizer(Protocol):
     def vocab_size(self) -> int: ...
 
     def encode(self, text: str) -> list[int]: ...
+
+    def pieces(self, text: str) -> list[str]:
+        """`text` cut where its tokens begin: one string per token, together the whole text."""
+        ...
+
+    def word_tokens(self) -> list[str]:
+        """Words of the vocabulary that are one token each (a space, then letters)."""
+        ...
 
 
 class HashTokenizer:
@@ -49,6 +58,12 @@ class HashTokenizer:
         piece_id = self._piece_id
         return [piece_id(piece) for piece in _PIECE.findall(text)]
 
+    def pieces(self, text: str) -> list[str]:
+        return _PIECE.findall(text)
+
+    def word_tokens(self) -> list[str]:
+        return []  # every word of up to four letters with its space is one piece already
+
 
 class JsonTokenizer:
     """A Hugging Face `tokenizer.json`, for token counts that match a real model exactly."""
@@ -64,6 +79,23 @@ class JsonTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def pieces(self, text: str) -> list[str]:
+        # cut at each token's end offset, so spaces a tokenizer leaves out of its offsets stay in a piece
+        ends = [end for _, end in self._tokenizer.encode(text, add_special_tokens=False).offsets]
+        if not ends:
+            return []
+        ends[-1] = len(text)
+        starts = [0, *ends[:-1]]
+        return [text[start:end] for start, end in zip(starts, ends, strict=True)]
+
+    def word_tokens(self) -> list[str]:
+        words = []
+        for token_id in range(self.vocab_size):
+            text = self._tokenizer.decode([token_id])
+            if _WORD_TOKEN.fullmatch(text) and self.encode(text) == [token_id]:
+                words.append(text)
+        return words
 
 
 def load_tokenizer(vocab_size: int, tokenizer_file: str | Path | None = None) -> Tokenizer:

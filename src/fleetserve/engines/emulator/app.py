@@ -26,7 +26,16 @@ from fleetserve.config import EngineArgs
 from fleetserve.engines.emulator.driver import EngineDriver, EngineFailed
 from fleetserve.engines.emulator.kv_events import EventFormat, KVEventPublisher
 from fleetserve.engines.emulator.metrics import CONTENT_TYPE, CacheConfig, EmulatorMetrics, EngineState
-from fleetserve.engines.emulator.text import PlannedOutput, PseudoText, plan_output, request_seed
+from fleetserve.engines.emulator.structured import json_from_schema, response_schema
+from fleetserve.engines.emulator.text import (
+    FixedText,
+    PlannedOutput,
+    PseudoText,
+    Vocabulary,
+    plan_output,
+    request_seed,
+    words_until_stop,
+)
 from fleetserve.model.catalog import Catalog, default_catalog
 from fleetserve.model.cost import CostModel
 from fleetserve.model.engine import EngineModel, RequestRejected, SchedulerConfig
@@ -87,6 +96,7 @@ class EmulatedEngine:
         self.cost = CostModel(self.gpu_spec, self.model_spec, spec.tp)
         self.engine = EngineModel(self.cost, SchedulerConfig.from_args(spec.engine_args))
         self.tokenizer = load_tokenizer(self.model_spec.vocab_size, spec.tokenizer_file)
+        self.vocabulary = Vocabulary.for_tokenizer(self.tokenizer)
         self.driver = EngineDriver(self.engine, spec.time_scale, on_step=self._on_step)
         engine_metrics = self.engine.metrics
         self.metrics = EmulatorMetrics(
@@ -392,6 +402,39 @@ class EmulatedEngine:
                 raise APIError(400, f"Token id {token_id} is out of vocabulary", param="prompt")
         return token_ids
 
+    def _answer(
+        self,
+        body: openai.CompletionRequest | openai.ChatCompletionRequest,
+        tool: dict[str, Any] | None,
+        seed: int,
+        limit: int,
+    ) -> tuple[PlannedOutput, PseudoText | FixedText]:
+        """How many tokens the answer has and its text: JSON for a forced tool call or a response_format
+        (cut at the output limit, as guided decoding is), else pseudo-text of a natural length that ends
+        at the first stop string or stop token."""
+        if tool is not None:
+            schema = tool.get("parameters") or {"type": "object"}
+            # vLLM: "tool_calls" when the model had to call some tool, "stop" when the client named it
+            finish = "tool_calls" if body.tool_choice == "required" else "stop"
+            return self._fixed(json_from_schema(schema, seed, "tools"), limit, finish)
+        schema = response_schema(body.response_format)
+        if schema is not None:
+            return self._fixed(json_from_schema(schema, seed, "response_format"), limit, "stop")
+        plan = plan_output(
+            seed, limit, min(body.min_tokens, limit), body.ignore_eos, self.spec.natural_output_median
+        )
+        if body.stop_sequences or body.stop_token_ids:  # ignore_eos ignores EOS only, as in vLLM
+            return words_until_stop(
+                seed, plan, self.vocabulary, body.stop_sequences, body.stop_token_ids or ()
+            )
+        return plan, PseudoText(seed, self.vocabulary.words)
+
+    def _fixed(self, value: Any, limit: int, finish_reason: str) -> tuple[PlannedOutput, FixedText]:
+        pieces = self.tokenizer.pieces(orjson.dumps(value).decode())
+        if len(pieces) > limit:
+            return PlannedOutput(limit, "length"), FixedText(pieces[:limit])
+        return PlannedOutput(len(pieces), finish_reason), FixedText(pieces)
+
     def _generate(
         self,
         request: Request,
@@ -409,14 +452,13 @@ class EmulatedEngine:
         elif prompt_len + limit > self.max_model_len:
             raise openai.output_too_long(self.max_model_len, prompt_len, limit)
         seed = request_seed(token_ids, body.seed)
-        plan = plan_output(
-            seed, limit, min(body.min_tokens, limit), body.ignore_eos, self.spec.natural_output_median
-        )
+        tool = body.forced_tool() if isinstance(body, openai.ChatCompletionRequest) else None
+        plan, text = self._answer(body, tool, seed, limit)
         request_id = uuid.uuid4().hex
         engine_request = EngineRequest(
             request_id, token_ids, plan.num_tokens, 0.0, adapter=adapter, priority=body.priority
         )
-        generation = _Generation(self, request_id, prompt_len, plan, PseudoText(seed))
+        generation = _Generation(self, request_id, prompt_len, plan, text)
         try:
             self.driver.submit(engine_request, generation.sink)
         except RequestRejected as error:
@@ -434,6 +476,7 @@ class EmulatedEngine:
             continuous_usage=body.include_usage
             and bool(body.stream_options and body.stream_options.continuous_usage_stats),
             stream_interval=self.spec.stream_interval,
+            tool=None if tool is None else _ToolCall(openai.tool_call_id(), tool["name"]),
         )
         if body.stream:
             return _EventStream(stream.events(generation), generation)  # type: ignore[return-value]
@@ -447,7 +490,12 @@ class _Generation:
     """One request's progress: its queue of token outputs, its pseudo-text and its metrics."""
 
     def __init__(
-        self, owner: EmulatedEngine, request_id: str, prompt_len: int, plan: PlannedOutput, text: PseudoText
+        self,
+        owner: EmulatedEngine,
+        request_id: str,
+        prompt_len: int,
+        plan: PlannedOutput,
+        text: PseudoText | FixedText,
     ) -> None:
         self._owner = owner
         self.request_id = request_id
@@ -506,7 +554,9 @@ class _Generation:
         if output.finished:
             self.finished = True
             metrics.e2e_request_latency.observe(wall(output.last_token_time - self.arrival))
-            metrics.request_finished(self.plan.finish_reason)
+            # vLLM's metrics know "stop" and "length"; a tool call ends like any answer the model stopped
+            finish = self.plan.finish_reason
+            metrics.request_finished("stop" if finish == "tool_calls" else finish)
 
     def _queue_time(self, first: TokenOutput) -> float:
         """Time from arrival to the start of prefill, estimated as TTFT minus the prefill of the uncached
@@ -514,6 +564,31 @@ class _Generation:
         cached = first.num_cached_prompt_tokens
         prefill = self._owner.cost.iteration_time([(self.prompt_len - cached, cached)], [])
         return max(0.0, first.first_token_time - self.arrival - prefill)
+
+
+@dataclass(frozen=True)
+class _ToolCall:
+    """A forced tool call: its id and function name; the arguments are the answer's text."""
+
+    call_id: str
+    name: str
+
+    def delta(self, arguments: str, *, first: bool) -> dict[str, Any]:
+        if first:
+            return {
+                "index": 0,
+                "id": self.call_id,
+                "type": "function",
+                "function": {"name": self.name, "arguments": arguments},
+            }
+        return {"index": 0, "function": {"arguments": arguments}}
+
+    def whole(self, arguments: str) -> dict[str, Any]:
+        return {
+            "id": self.call_id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": arguments},
+        }
 
 
 @dataclass
@@ -528,6 +603,7 @@ class _Stream:
     include_usage: bool
     continuous_usage: bool
     stream_interval: int
+    tool: _ToolCall | None = None  # the answer is this tool call's arguments
 
     async def events(self, generation: _Generation) -> AsyncIterator[bytes]:
         """SSE bytes: one chunk per `stream_interval` tokens (the first token alone), even when the
@@ -553,9 +629,13 @@ class _Stream:
                 chunks = []
                 for index, size in enumerate(sizes):
                     last = output.finished and index == len(sizes) - 1
-                    finish_reason = generation.plan.finish_reason if last else None
                     chunks.append(
-                        self._chunks(generation.text.take(size), finish_reason, emitted == 0, emitted + size)
+                        self._chunks(
+                            generation.text.take(size),
+                            generation.plan if last else None,
+                            emitted == 0,
+                            emitted + size,
+                        )
                     )
                     emitted += size
                 if chunks:
@@ -572,14 +652,25 @@ class _Stream:
             yield sse_event(openai.usage_chunk(obj, self.response_id, self.created, self.model, usage))
         yield DONE
 
-    def _chunks(self, text: str, finish_reason: str | None, first: bool, tokens_so_far: int) -> bytes:
+    def _chunks(self, text: str, plan: PlannedOutput | None, first: bool, tokens_so_far: int) -> bytes:
+        """The SSE events of one piece of the answer; `plan` only with the last piece."""
+        finish_reason = None if plan is None else plan.finish_reason
+        stop_reason = None if plan is None else plan.stop_reason
         if self.kind == "chat":
             chunks = []
             if first:
                 chunks.append(self._chat_chunk({"role": "assistant", "content": ""}, None, 0))
-            chunks.append(self._chat_chunk({"content": text}, finish_reason, tokens_so_far))
+            if self.tool is None:
+                delta: dict[str, Any] = {"content": text}
+            elif first:  # vLLM names the function in the first tool delta, then streams its arguments
+                delta = {"tool_calls": [self.tool.delta(text, first=True)]}
+            else:
+                delta = {"tool_calls": [self.tool.delta(text, first=False)]}
+            chunks.append(self._chat_chunk(delta, finish_reason, tokens_so_far))
             return b"".join(chunks)
-        chunk = openai.completion_chunk(self.response_id, self.created, self.model, text, finish_reason)
+        chunk = openai.completion_chunk(
+            self.response_id, self.created, self.model, text, finish_reason, stop_reason
+        )
         if self.continuous_usage:
             chunk["usage"] = openai.usage(self.prompt_len, tokens_so_far)
         return sse_event(chunk)
@@ -600,13 +691,20 @@ class _Stream:
                 break
         text = generation.text.take(generation.num_tokens)
         usage = openai.usage(self.prompt_len, generation.num_tokens)
-        finish_reason = generation.plan.finish_reason
+        plan = generation.plan
         if self.kind == "chat":
             return openai.chat_response(
-                self.response_id, self.created, self.model, text, finish_reason, usage
+                self.response_id,
+                self.created,
+                self.model,
+                None if self.tool is not None else text,
+                plan.finish_reason,
+                usage,
+                stop_reason=plan.stop_reason,
+                tool_calls=[] if self.tool is None else [self.tool.whole(text)],
             )
         return openai.completion_response(
-            self.response_id, self.created, self.model, text, finish_reason, usage
+            self.response_id, self.created, self.model, text, plan.finish_reason, usage, plan.stop_reason
         )
 
 
