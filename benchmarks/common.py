@@ -1,6 +1,6 @@
-"""What the benchmark scripts share: the machine's CPU model for their reports, and starting, probing
-and stopping the servers they measure. Scripts run as `python benchmarks/NAME.py`, so this directory is
-on their import path."""
+"""What the benchmark scripts share: the machine's CPU model for their reports, where the shared traces
+are, free ports, and starting, probing and stopping the servers they measure. Scripts run as
+`python benchmarks/NAME.py`, so this directory is on their import path."""
 
 from __future__ import annotations
 
@@ -20,10 +20,53 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+ROOT = Path(__file__).resolve().parent.parent
+# the project's shared data sits beside the repository (../shared/data); FLEETSERVE_SHARED_DATA moves it
+SHARED_DATA = Path(os.environ.get("FLEETSERVE_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def shared_trace(name: str) -> Path:
+    """A trace of the shared data, e.g. "mooncake_conversation.jsonl"."""
+    return SHARED_DATA / "traces" / name
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct ports nothing listens on, held open together while the kernel picks them."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind((host, 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def free_port_block(count: int, host: str = "127.0.0.1") -> int:
+    """The first of `count` consecutive free ports (for commands that take a base port)."""
+    for _ in range(100):
+        base = free_port()
+        if base + count <= 65535 and all(_port_is_free(port, host) for port in range(base, base + count)):
+            return base
+    raise RuntimeError(f"found no {count} consecutive free ports")
+
+
+def _port_is_free(port: int, host: str) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
 
 
 def answers(url: str) -> bool:

@@ -17,7 +17,6 @@ import asyncio
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,8 @@ import aiohttp
 import orjson
 import uvloop
 import yaml
+
+from common import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 FLEETSERVE = Path(sys.executable).with_name("fleetserve")
@@ -209,12 +210,6 @@ async def one_at_a_time(direct: str, gateway: str, count: int = 1000) -> tuple[f
 
 
 # -- processes --------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_ready(url: str, timeout: float = 60.0) -> None:

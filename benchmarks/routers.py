@@ -33,7 +33,6 @@ import datetime
 import math
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
@@ -47,6 +46,7 @@ import aiohttp
 import orjson
 import yaml
 
+from common import free_ports, shared_trace
 from fleetserve import __version__ as fleetserve_version
 from fleetserve.bench import SLO, BenchConfig, Summary, run_bench
 from fleetserve.bench.client import RequestRecord
@@ -65,7 +65,7 @@ from peers.vllm_router import vllm_router, vllm_router_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORT = ROOT / "docs" / "benchmarks.md"
-MOONCAKE = Path("/work/shared/data/traces/mooncake_conversation.jsonl")
+MOONCAKE = shared_trace("mooncake_conversation.jsonl")
 ADDED_P99_LIMIT_MS = 5.0
 SLO_TARGET = 0.9
 HOST = "127.0.0.1"
@@ -171,19 +171,6 @@ class Fleet:
     model: str
     urls: tuple[str, ...]
     gpus: tuple[str, ...]
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind((HOST, 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def write_fleet(
@@ -803,7 +790,7 @@ def report(
         lines += [
             f"### Quality (Mooncake conversation trace on {fleet_text}, {qual.model})",
             "",
-            f"Trace: the first {qual.trace_requests} requests of {MOONCAKE.name} (kvcache-ai/Mooncake, "
+            f"Trace: the first {qual.trace_requests} requests of {args.trace.name} (kvcache-ai/Mooncake, "
             f"Apache-2.0) that fit the model's context, answers cut to {qual.max_output_tokens} tokens, "
             f"replayed by their timestamps (base rate "
             f"{base_rate:.2f} req/s = x1; x2 = twice as fast), streaming completions with the trace's "
@@ -931,7 +918,7 @@ async def main(args: argparse.Namespace) -> None:
     base_rate = 0.0
     if not args.skip_quality:
         trace, base_rate = prepare_trace(
-            MOONCAKE,
+            args.trace,
             qual.model,
             qual.trace_requests,
             qual.max_output_tokens,
@@ -972,10 +959,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--no-append", action="store_true", help="do not append to docs/benchmarks.md")
     parser.add_argument("--no-install", action="store_true", help="skip peers that are not installed")
+    parser.add_argument(
+        "--trace", type=Path, default=MOONCAKE, help=f"the Mooncake conversation trace [default: {MOONCAKE}]"
+    )
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
-    if not MOONCAKE.is_file():
-        sys.exit(f"missing trace {MOONCAKE}")
-    asyncio.run(main(parse_args()))
+    arguments = parse_args()
+    if not arguments.trace.is_file():
+        sys.exit(f"missing trace {arguments.trace}: pass --trace or set FLEETSERVE_SHARED_DATA")
+    asyncio.run(main(arguments))

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from common import answers, cpu_model, free_port, stop_process_group
+from common import answers, cpu_model, free_port, shared_trace, stop_process_group
 from fleetserve.bench.metrics import SLO
 from fleetserve.bench.runner import BenchConfig, BenchResult, run_bench
 from fleetserve.routing import POLICIES
@@ -43,7 +43,7 @@ from fleetserve.workload.trace import TraceRequest, write_jsonl
 from fleetserve.workload.transform import scale_lengths
 
 ROOT = Path(__file__).resolve().parents[1]
-TRACE = Path("/work/shared/data/traces/mooncake_conversation.jsonl")
+TRACE = shared_trace("mooncake_conversation.jsonl")
 FLEETSERVE = Path(sys.executable).with_name("fleetserve")
 # Mistral-7B: Llama-3-8B's shape (32 layers, 8 KV heads) with the 32k context the trace needs
 MODEL = "mistral-7b"
@@ -164,13 +164,13 @@ def conversation_key(request: TraceRequest) -> int:
     return hash_ids[1] if len(hash_ids) > 1 else 0
 
 
-def trace_slice(window_s: float, every: int, length_scale: float, work: Path) -> Path:
+def trace_slice(source: Path, window_s: float, every: int, length_scale: float, work: Path) -> Path:
     """The conversations of the trace's first `window_s` seconds whose key is a multiple of `every`
     (whole conversations, so a thinned trace keeps its turns), prompts scaled by `length_scale` (hash
     blocks scale with them, so the prefix sharing is unchanged), outputs as recorded."""
     original = [
         request
-        for request in read_trace(TRACE)
+        for request in read_trace(source)
         if request.timestamp_ms < window_s * 1000 and conversation_key(request) % every == 0
     ]
     scaled = scale_lengths(original, length_scale)
@@ -194,6 +194,9 @@ def main() -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--policies", default=",".join([*ORDER, *sorted(set(POLICIES) - set(ORDER))]))
+    parser.add_argument(
+        "--trace", type=Path, default=TRACE, help=f"the Mooncake conversation trace [default: {TRACE}]"
+    )
     parser.add_argument("--window-s", type=float, default=900.0, help="the trace's first seconds")
     parser.add_argument("--conversation-every", type=int, default=6, help="keep 1 conversation in N")
     parser.add_argument("--rate-scale", type=float, default=30.0, help="speed the trace's arrivals up")
@@ -219,7 +222,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="routing_live_") as tmp:
         work = Path(tmp)
-        trace = trace_slice(args.window_s, args.conversation_every, args.length_scale, work)
+        trace = trace_slice(args.trace, args.window_s, args.conversation_every, args.length_scale, work)
         requests = sum(1 for _ in trace.open())
         runs = [(policy, False) for policy in policies] + [(policy, True) for policy in precise]
         for policy, kv_events in runs:

@@ -1,7 +1,7 @@
 """How fast the simulator replays a large trace on one core.
 
 1,000,000 requests with the Azure LLM 2023 conversation trace's length mix (input and output lengths
-sampled jointly from /work/shared/data/traces/azure_llm_2023_conv.csv, Azure Public Dataset, CC-BY-4.0),
+sampled jointly from ../shared/data/traces/azure_llm_2023_conv.csv, Azure Public Dataset, CC-BY-4.0),
 Poisson arrivals, on 64 heterogeneous engines serving llama-3-8b (16 H100, 24 A100, 24 L4), routed by
 least_request. The rate is a fraction (--load) of the fleet's reference decode capacity divided by the mean
 output length, which keeps every engine busy without overloading it.
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common import shared_trace
 from fleetserve.config import FleetConfig
 from fleetserve.model.catalog import default_catalog
 from fleetserve.model.cost import CostModel
@@ -31,8 +32,7 @@ from fleetserve.sim import SimOptions, simulate
 from fleetserve.workload import TraceRequest
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = Path(os.environ.get("FLEETSERVE_SHARED_DATA", REPO.parent / "shared" / "data"))
-AZURE_CONV = SHARED_DATA / "traces" / "azure_llm_2023_conv.csv"
+AZURE_CONV = shared_trace("azure_llm_2023_conv.csv")
 MODEL = "llama-3-8b"
 FLEET_SHAPE = {"h100-80g": 16, "a100-80g": 24, "l4": 24}
 

@@ -33,7 +33,6 @@ import asyncio
 import datetime
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,10 +45,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from common import answers, cpu_model, stop_process_group
+from common import answers, cpu_model, free_port_block, stop_process_group
 from fleetserve.bench.metrics import SLO
 from fleetserve.bench.runner import BenchConfig, BenchResult, run_bench
-from fleetserve.cli.serve import busy_ports
 from fleetserve.config import FleetConfig, parse_fleet
 from fleetserve.model.catalog import default_catalog
 from fleetserve.protocol.tokenizer import HashTokenizer
@@ -183,17 +181,6 @@ def fleet_document(settings: TwinSettings, policy: str, gateway_port: int, base_
 
 
 # live side
-
-
-def free_ports(count: int, host: str = "127.0.0.1") -> int:
-    """The first of `count` consecutive ports nothing listens on (the kernel picks the first)."""
-    for _ in range(100):
-        with socket.socket() as probe:
-            probe.bind((host, 0))
-            base = probe.getsockname()[1]
-        if base + count <= 65535 and not busy_ports(host, range(base, base + count)):
-            return base
-    raise RuntimeError(f"found no {count} consecutive free ports")
 
 
 def _metric_by_label(url: str, name: str, label: str) -> dict[str, float]:
@@ -351,7 +338,7 @@ def check_twin(
         started = time.monotonic()
         engines = sum(replicas for _, _, replicas in settings.fleet)
         # one block of free ports: the engines', then the gateway's
-        base_port = free_ports(engines + 1)
+        base_port = free_port_block(engines + 1)
         document = fleet_document(settings, policy, base_port + engines, base_port)
         fleet_file = work / f"fleet-{policy}.yaml"
         fleet_file.write_text(yaml.safe_dump(document, sort_keys=False))

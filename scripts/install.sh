@@ -42,4 +42,24 @@ if [ "$(uname -m)" = x86_64 ]; then
 fi
 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
   .venv/bin/python -m pip install -q -e '.[all]'
+
+# inference-perf, a load generator the tests drive the gateway with, needs Python >= 3.12 (newer than the
+# project's): it gets a venv of its own, from the first Python 3.12+ found (on PATH, or one pyenv built).
+inference_perf=${FLEETSERVE_INFERENCE_PERF:-$HOME/.cache/fleetserve/inference-perf-0.7.0}
+if [ ! -x "$inference_perf/bin/inference-perf" ]; then
+  newer=""
+  for candidate in python3.13 python3.12 "$HOME"/.pyenv/versions/3.1[2-9]*/bin/python3; do
+    if "$candidate" -c 'import sys; assert sys.version_info >= (3, 12)' >/dev/null 2>&1; then
+      newer=$candidate
+      break
+    fi
+  done
+  if [ -n "$newer" ]; then
+    echo "installing inference-perf 0.7.0 with $newer in $inference_perf"
+    "$newer" -m venv "$inference_perf"
+    "$inference_perf/bin/python" -m pip install -q inference-perf==0.7.0
+  else
+    echo "no Python 3.12 on this machine: the inference-perf test will be skipped"
+  fi
+fi
 echo "fleetserve installed in .venv ($(.venv/bin/fleetserve --version))"

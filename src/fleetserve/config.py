@@ -144,6 +144,24 @@ class RouterConfig(_Strict):
     )
     debug_header: bool = Field(False, description="Add x-fleetserve-route with the decision's reason.")
 
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, name: str) -> str:
+        from fleetserve.routing import POLICIES  # the routing room imports no configuration: no cycle
+
+        if name not in POLICIES:
+            raise ValueError(
+                f"unknown routing policy {name!r}; valid policies: {', '.join(sorted(POLICIES))}"
+            )
+        return name
+
+    @model_validator(mode="after")
+    def _params_fit_the_policy(self) -> RouterConfig:
+        from fleetserve.routing import make_policy
+
+        make_policy(self.policy, self.params)  # ValueError names a bad parameter or value
+        return self
+
 
 class SLOConfig(_Strict):
     ttft_ms: float = Field(1000.0, gt=0, description="Time-to-first-token objective.")
@@ -308,6 +326,11 @@ class FleetConfig(_Strict):
         if not self.engines:
             raise ValueError("a fleet needs at least one engine")
         return self
+
+    def with_engine_base_port(self, port: int) -> FleetConfig:
+        """The same fleet with its launched engines numbered from `port` (`emulator.base_port`; a group
+        with its own `port:` keeps it)."""
+        return self.model_copy(update={"emulator": self.emulator.model_copy(update={"base_port": port})})
 
     def instances(self) -> list[EngineInstance]:
         """Every engine replica with its id and, for emulated and launched engines, its port."""

@@ -122,3 +122,18 @@ def test_report_record_summarises_itls() -> None:
     assert row["max_itl"] == pytest.approx(0.2)
     assert row["tpot"] == pytest.approx(0.1)
     assert "itls" not in row
+
+
+def test_offered_rate_is_the_schedule_and_throughput_includes_the_drain() -> None:
+    records = []
+    for index in range(11):  # one send every 0.1 s: 10 req/s offered over 1 s
+        record = completed(ttft=0.1, e2e=2.0, tokens=5, itls=[0.01, 0.02], index=index)
+        record.scheduled_at = 0.1 * index
+        records.append(record)
+    summary = summarize(records, duration_s=3.0)  # the last answer arrives 2 s after the last send
+    assert summary.offered_rps == pytest.approx(10.0)
+    assert summary.request_throughput == pytest.approx(11 / 3.0)
+    assert summary.to_dict()["rate_windows"]["offered_rps"].startswith("requests sent")
+    assert summary.itl_quantiles_ms[0] == pytest.approx(10.0) and summary.itl_quantiles_ms[
+        -1
+    ] == pytest.approx(20.0)

@@ -54,3 +54,17 @@ def test_duplicate_names_and_non_mapping() -> None:
         parse_fleet("engines:\n  - {name: a, gpu: l4, model: m}\n  - {name: a, gpu: l4, model: m}\n")
     with pytest.raises(ConfigError, match="mapping"):
         parse_fleet("- 1\n- 2\n")
+
+
+def test_a_bad_policy_is_reported_with_its_line_beside_other_errors() -> None:
+    text = "engines:\n  - {name: e, url: 'http://x:1', model: m, replicas: 0}\nrouter:\n  policy: fastest\n"
+    with pytest.raises(ConfigError) as error:
+        parse_fleet(text)
+    message = str(error.value)
+    assert "<fleet>:2: engines[0].replicas" in message
+    assert "<fleet>:4: router.policy: Value error, unknown routing policy 'fastest'" in message
+    with pytest.raises(ConfigError, match=r"<fleet>:3: router: .*cache_threshold"):
+        parse_fleet(
+            "engines:\n  - {name: e, url: 'http://x:1', model: m}\n"
+            "router: {policy: prefix_aware, params: {cache_threshold: 3}}\n"
+        )

@@ -123,9 +123,9 @@ def test_make_policy_rejects_unknown_names_and_params() -> None:
         make_policy("least_request", {"bogus": 1})
 
 
-def test_least_request_draws_among_ties_as_a_random_choice_of_them():
-    """least_request breaks ties without building the list of tied engines; it must still pick exactly
-    the engine `rng.choice(tied)` picks, so simulations stay reproducible across versions."""
+def test_least_request_gives_ties_to_the_fastest_then_draws_among_equals():
+    """Among the least loaded, the engines with the most capacity; among those, exactly the engine
+    `rng.choice` picks, so simulations stay reproducible."""
     rng = random.Random(11)
     policy = make_policy("least_request", seed=5)
     reference = random.Random(5)
@@ -142,5 +142,6 @@ def test_least_request_draws_among_ties_as_a_random_choice_of_them():
         ]
         loads = [e.normalized_load for e in engines]
         tied = [e for e, load in zip(engines, loads, strict=True) if load == min(loads)]
-        expected = tied[0] if len(tied) == 1 else reference.choice(tied)
+        fastest = [e for e in tied if e.capacity == max(t.capacity for t in tied)]
+        expected = fastest[0] if len(fastest) == 1 else reference.choice(fastest)
         assert policy.choose(request(), view(*engines), 0.0).engine_id == expected.engine_id

@@ -59,3 +59,32 @@ def test_capacity_needs_a_trace_that_spans_time():
     trace = [TraceRequest(timestamp_ms=0.0, input_length=10, output_length=5)] * 3
     with pytest.raises(ValueError, match="two distinct arrival times"):
         find_capacity(parse_fleet(FLEET), trace)
+
+
+def test_a_probe_past_capacity_stops_once_the_target_is_out_of_reach():
+    from fleetserve.sim import SimOptions
+
+    fleet, trace = parse_fleet(FLEET), _poisson_trace(count=200)
+    overloaded = scale_rate(trace, 40.0)
+    whole = simulate(fleet, overloaded, "least_request").summary
+    hasty = simulate(fleet, overloaded, "least_request", options=SimOptions(give_up_below=0.9)).summary
+    assert whole["slo_attainment"] < 0.9 and "stopped_early" not in whole
+    assert hasty["stopped_early"] is True and hasty["completed"] < whole["completed"]
+    assert hasty["slo_attainment"] <= whole["slo_attainment"]  # what it did finish, it counts as before
+    # a run that meets the target is never cut short
+    calm = simulate(fleet, scale_rate(trace, 0.5), "least_request", options=SimOptions(give_up_below=0.9))
+    assert "stopped_early" not in calm.summary and calm.summary["slo_attainment"] >= 0.9
+
+
+def test_failures_no_rate_changes_end_the_search_with_the_reason():
+    from fleetserve.sim.capacity import UnreachableTarget
+
+    fleet = parse_fleet(FLEET)
+    trace = [
+        TraceRequest(timestamp_ms=100.0 * i, input_length=20000 if i % 3 == 0 else 300, output_length=20)
+        for i in range(90)
+    ]
+    probes = []
+    with pytest.raises(UnreachableTarget, match=r"at most 66\.7% at any rate.*30 x engine_rejected"):
+        find_capacity(fleet, trace, "least_request", target=0.9, on_probe=probes.append)
+    assert len(probes) == 1

@@ -74,3 +74,13 @@ def test_limit_and_the_fixed_transform_order() -> None:
     # Window first (in original seconds), then rate scaling, then the limit.
     result = apply_transforms(trace(), TransformSpec(start_s=4, rate_scale=4.0, limit=2))
     assert [(r.timestamp_ms, r.input_length) for r in result] == [(0.0, 104), (250.0, 105)]
+
+
+def test_clipping_keeps_whole_prefix_blocks_and_the_rest_untouched() -> None:
+    from fleetserve.workload.transform import clip_lengths
+
+    long = TraceRequest(0.0, 2000, 900, hash_ids=(1, 2, 3, 4), hash_block_size=512)
+    short = TraceRequest(1.0, 100, 10)
+    clipped, untouched = clip_lengths([long, short], max_input=1100, max_output=500)
+    assert (clipped.input_length, clipped.output_length, clipped.hash_ids) == (1100, 500, (1, 2, 3))
+    assert untouched == short

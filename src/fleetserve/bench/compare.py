@@ -47,7 +47,8 @@ def _rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("failed", str(summary["failed"])),
         ("failures", ", ".join(f"{kind} {count}" for kind, count in failures.items()) or "-"),
         ("duration (s)", _number(summary["duration_s"], 2)),
-        ("requests/s", _number(summary["request_throughput"], 2)),
+        ("offered req/s", _number(summary.get("offered_rps"), 2)),
+        ("achieved req/s", _number(summary["request_throughput"], 2)),
         ("output tokens/s", _number(summary["output_token_throughput"], 1)),
         ("goodput (req/s)", _number(summary["goodput"], 2)),
     ]
@@ -72,37 +73,52 @@ def comparison_table(reports: Sequence[Report], title: str = "fleetserve bench")
 
 
 def plot_reports(reports: Sequence[Report], path: str | Path) -> None:
-    """TTFT, TPOT and E2E CDFs of every run, and a bar chart of throughput and goodput."""
+    """TTFT, TPOT, ITL and E2E CDFs of every run, and a bar chart of offered, achieved and good rates."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    figure, axes = plt.subplots(2, 2, figsize=(12, 8))
-    for axis, (key, title) in zip(
-        axes.flat[:3], (("ttft", "TTFT"), ("tpot", "TPOT"), ("e2e", "E2E latency")), strict=True
-    ):
+    figure, axes = plt.subplots(2, 3, figsize=(15, 8))
+    curves = (
+        ("ttft", "TTFT"),
+        ("tpot", "TPOT"),
+        ("itl", "ITL (every gap between chunks)"),
+        ("e2e", "E2E latency"),
+    )
+    for axis, (key, title) in zip(axes.flat[:4], curves, strict=True):
         for report in reports:
-            values = np.sort(np.asarray(report.per_request(key)) * 1000.0)
+            if key == "itl":  # ITLs are pooled, not per request: the report keeps their quantiles
+                values = np.asarray(report.summary.get("itl_quantiles_ms") or [])
+                fractions = np.linspace(0, 1, len(values))
+            else:
+                values = np.sort(np.asarray(report.per_request(key)) * 1000.0)
+                fractions = np.arange(1, len(values) + 1) / max(len(values), 1)
             if len(values):
-                axis.plot(values, np.arange(1, len(values) + 1) / len(values), label=report.name)
+                axis.plot(values, fractions, label=report.name)
         axis.set_title(f"{title} CDF")
         axis.set_xlabel("ms")
-        axis.set_ylabel("fraction of requests")
+        axis.set_ylabel("fraction")
         axis.grid(alpha=0.3)
         if axis.has_data():
             axis.legend(fontsize="small")
-    bars = axes.flat[3]
+    bars = axes.flat[4]
     positions = np.arange(len(reports))
-    width = 0.4
-    throughput = [report.summary["request_throughput"] for report in reports]
-    goodput = [report.summary["goodput"] or 0.0 for report in reports]
-    bars.bar(positions - width / 2, throughput, width, label="requests/s")
-    bars.bar(positions + width / 2, goodput, width, label="goodput (req/s within SLO)")
+    width = 0.27
+    series = (
+        ("offered req/s", [report.summary.get("offered_rps") or 0.0 for report in reports]),
+        ("achieved req/s", [report.summary["request_throughput"] for report in reports]),
+        ("goodput (req/s within SLO)", [report.summary["goodput"] or 0.0 for report in reports]),
+    )
+    for offset, (label, values) in zip((-width, 0.0, width), series, strict=True):
+        bars.bar(positions + offset, values, width, label=label)
     bars.set_xticks(positions, [report.name for report in reports], rotation=20, ha="right")
-    bars.set_title("throughput")
-    bars.legend(fontsize="small")
+    bars.set_title("request rates")
+    # the legend gets the last panel to itself, so it never covers a bar
+    legend = axes.flat[5]
+    legend.axis("off")
+    legend.legend(*bars.get_legend_handles_labels(), loc="center", fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -3,7 +3,10 @@
 Definitions follow vLLM's `vllm bench serve` so figures are comparable with it:
 - TTFT, E2E: per request; TPOT = (E2E - TTFT) / (output_tokens - 1), only for requests with >= 2 tokens;
   ITL: every gap between consecutive text chunks of every request, pooled.
-- Throughputs divide by the run's duration (first send to last completion).
+- Throughputs divide by the run's duration (first send to last completion, the drain included);
+  `offered_rps` is the schedule's own rate: requests sent over the span from the first scheduled send to
+  the last (what `--rate` or a trace asks for). The two differ whenever requests are still running when
+  the last one is sent; `rate_windows` in the JSON says which is which.
 - Goodput: completed requests per second that met every SLO given (TTFT <= slo_ttft, TPOT <= slo_tpot).
   A one-token request has no TPOT and meets a TPOT SLO trivially, as in vLLM.
 - Percentiles are linear-interpolated (numpy's default).
@@ -66,7 +69,8 @@ class Summary:
     failed: int
     failures: dict[str, int]
     duration_s: float
-    request_throughput: float  # completed requests per second
+    offered_rps: float | None  # sent requests over the first-to-last scheduled send; None for one request
+    request_throughput: float  # completed requests per second over duration_s
     output_token_throughput: float  # output tokens of completed requests per second
     total_input_tokens: int
     total_output_tokens: int
@@ -77,9 +81,18 @@ class Summary:
     itl_ms: Distribution
     e2e_ms: Distribution
     send_lag_ms: Distribution  # how late the load generator sent requests against its schedule
+    itl_quantiles_ms: list[float]  # the pooled ITLs at 0%, 1%, ..., 100%: enough to draw their CDF
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        return {**asdict(self), "rate_windows": RATE_WINDOWS}
+
+
+RATE_WINDOWS = {
+    "offered_rps": "requests sent / (last scheduled send - first scheduled send)",
+    "request_throughput": "completed requests / duration_s (first send to last completion, drain included)",
+    "goodput": "completed requests within the SLO / duration_s",
+    "output_token_throughput": "output tokens of completed requests / duration_s",
+}
 
 
 def summarize(records: Iterable[RequestRecord], duration_s: float, slo: SLO | None = None) -> Summary:
@@ -99,6 +112,7 @@ def summarize(records: Iterable[RequestRecord], duration_s: float, slo: SLO | No
         failed=len(records) - len(completed),
         failures=dict(sorted(failures.items())),
         duration_s=duration_s,
+        offered_rps=_offered_rate(records),
         request_throughput=len(completed) * per_second,
         output_token_throughput=output_tokens * per_second,
         total_input_tokens=sum(record.input_tokens for record in completed),
@@ -110,7 +124,18 @@ def summarize(records: Iterable[RequestRecord], duration_s: float, slo: SLO | No
         itl_ms=Distribution.of_seconds(itls),
         e2e_ms=Distribution.of_seconds([r.e2e for r in completed if r.e2e is not None]),
         send_lag_ms=Distribution.of_seconds([max(0.0, r.sent_at - r.scheduled_at) for r in records]),
+        itl_quantiles_ms=[float(q) for q in np.percentile(itls * 1000.0, np.arange(101))]
+        if itls.size
+        else [],
     )
+
+
+def _offered_rate(records: Sequence[RequestRecord]) -> float | None:
+    if len(records) < 2:
+        return None
+    times = [record.scheduled_at for record in records]
+    span = max(times) - min(times)
+    return (len(records) - 1) / span if span > 0 else None
 
 
 def record_to_dict(record: RequestRecord) -> dict[str, object]:

@@ -17,6 +17,7 @@ from fleetserve.bench.client import RequestRecord
 from fleetserve.bench.compare import Report, comparison_table, load_reports, plot_reports
 from fleetserve.bench.metrics import SLO
 from fleetserve.bench.runner import BenchConfig, BenchResult, run_bench, run_sync
+from fleetserve.cli.console import make_console
 
 
 class RichProgress:
@@ -168,12 +169,12 @@ def bench(
         config.validate()
     except ValueError as error:
         raise click.UsageError(str(error)) from None
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     result = run_sync(_run_until_interrupted(config, console, show=not quiet and console.is_terminal))
     if json_path:
         result.write_json(json_path)
     if not quiet:
-        Console().print(comparison_table([Report(config.label or "run", result.to_json_dict())]))
+        make_console().print(comparison_table([Report(config.label or "run", result.to_json_dict())]))
         if result.interrupted:
             console.print("[yellow]interrupted: the figures cover the requests sent before the stop")
     if result.summary.sent and not result.summary.completed:
@@ -189,7 +190,7 @@ def compare(reports: tuple[str, ...], plot: str | None) -> None:
         loaded = load_reports(reports)
     except ValueError as error:
         raise click.ClickException(str(error)) from None
-    Console().print(comparison_table(loaded, title="fleetserve bench compare"))
+    make_console().print(comparison_table(loaded, title="fleetserve bench compare"))
     if plot:
         plot_reports(loaded, plot)
         click.echo(f"plots written to {plot}")

@@ -39,6 +39,7 @@ from rich.table import Table
 
 from fleetserve.bench import SLO, BenchConfig, BenchResult, run_bench
 from fleetserve.bench.client import RequestRecord
+from fleetserve.cli.console import make_console
 from fleetserve.cli.serve import (
     DEFAULT_READY_TIMEOUT_S,
     LaunchError,
@@ -75,6 +76,12 @@ SAMPLE_QUESTION = "What is the capital of France? Answer in one sentence."
 
 @click.command()
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="Gateway port.")
+@click.option(
+    "--engine-base-port",
+    type=click.IntRange(1, 65535),
+    help="First port of the demo's engines, emulated or --real [default: the fleet file's, or the first"
+    " free block].",
+)
 @click.option(
     "--real", is_flag=True, help="Real llama.cpp engines running SmolLM2-135M instead of emulated ones."
 )
@@ -132,6 +139,7 @@ SAMPLE_QUESTION = "What is the capital of France? Answer in one sentence."
 )
 def demo(
     port: int,
+    engine_base_port: int | None,
     real: bool,
     exit_after: bool,
     num_requests: int | None,
@@ -153,17 +161,22 @@ def demo(
         base = load_fleet(fleet_file) if fleet_file else packaged_fleet()
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    config = base if not real else real_fleet(base, real_engines)
-    config = with_free_engine_ports(configure(config, port=port, time_scale=time_scale))
+    config = configure(base if not real else real_fleet(base, real_engines), port=port, time_scale=time_scale)
+    if engine_base_port is None:
+        config = with_free_engine_ports(config)
+    else:
+        config = config.with_engine_base_port(engine_base_port)
+        if busy := busy_ports(config.emulator.host, engine_ports(config)):
+            raise click.ClickException(
+                f"engine port(s) {', '.join(map(str, busy))} are in use; pick another --engine-base-port"
+            )
     host = config.gateway.host
     if busy_ports(host, [port]):
         raise click.ClickException(
             f"port {port} on {host} is in use (another fleetserve demo or gateway?); "
             f"pick a free one with --port, e.g. fleetserve demo --port {port + 1}"
         )
-    console = Console(highlight=False)
-    if not console.is_terminal:  # a pipe or a file: 80 columns would wrap the per-engine table
-        console = Console(highlight=False, width=max(console.width, 120))
+    console = make_console(highlight=False)
     model = config.engines[0].model
     url = f"http://{host}:{port}"
     # SIGTERM (docker stop, systemd) takes Ctrl-C's path, so the engines are stopped in order and the
@@ -253,8 +266,7 @@ def with_free_engine_ports(config: FleetConfig) -> FleetConfig:
         for instance in config.instances()
         if instance.group.kind != "external" and instance.group.port is None
     )
-    base = free_port_block(host, sequential, avoid=config.gateway.port)
-    return config.model_copy(update={"emulator": config.emulator.model_copy(update={"base_port": base})})
+    return config.with_engine_base_port(free_port_block(host, sequential, avoid=config.gateway.port))
 
 
 def free_port_block(host: str, count: int, avoid: int) -> int:

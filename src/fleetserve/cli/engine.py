@@ -53,7 +53,11 @@ def _engine_arg_options(command: Any) -> Any:
 @click.option("--served-model-name", help="Name clients request (default: --model).")
 @click.option("--host", default=None, help="Address to listen on [default: 127.0.0.1, or the fleet file's].")
 @click.option(
-    "--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port."
+    "--port",
+    default=8100,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="0 picks a free port. The default is emulator.base_port's, clear of the gateway's 8000.",
 )
 @click.option(
     "--tp", default=1, show_default=True, type=click.IntRange(min=1), help="Tensor-parallel degree."

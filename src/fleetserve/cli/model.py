@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import TypeVar
 
 import click
-from rich.console import Console
 from rich.table import Table
 
+from fleetserve.cli.console import make_console
 from fleetserve.model.catalog import Catalog, CatalogError, GpuSpec, ModelSpec, UnknownEntry
 from fleetserve.model.cost import CostModel
 
@@ -197,7 +197,7 @@ def predict(
     if as_json:
         click.echo(json.dumps(prediction.as_json()))
     else:
-        Console().print(_prediction_table(prediction))
+        make_console().print(_prediction_table(prediction))
 
 
 @model.command(name="list")
@@ -248,7 +248,7 @@ def list_catalog(catalog_file: Path | None, as_json: bool) -> None:
             str(spec.max_context),
             f"{spec.kv_bytes_per_token / 1024:g}",
         )
-    console = Console()
+    console = make_console()
     console.print(gpus)
     console.print("Price sources (on-demand, per GPU):")
     for spec in sorted(catalog.gpus.values(), key=lambda g: g.name):

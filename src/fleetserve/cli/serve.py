@@ -198,6 +198,12 @@ def describe(config: FleetConfig, engine: LaunchedEngine) -> str:
 )
 @click.option("--no-launch", is_flag=True, help="Do not start engines; serve those already running.")
 @click.option("--port", type=click.IntRange(0, 65535), help="Gateway port (overrides gateway.port).")
+@click.option(
+    "--engine-base-port",
+    type=click.IntRange(1, 65535),
+    help="First port of the engines serve launches (overrides emulator.base_port; a group's own `port:`"
+    " stays). KV-event sockets take HTTP port + 1000 and + 2000.",
+)
 @click.option("--policy", help="Routing policy (overrides router.policy), e.g. least_request.")
 @click.option(
     "--ready-timeout",
@@ -207,7 +213,12 @@ def describe(config: FleetConfig, engine: LaunchedEngine) -> str:
     help="Seconds launched engines have to answer before serve gives up.",
 )
 def serve(
-    config_path: str, no_launch: bool, port: int | None, policy: str | None, ready_timeout: float
+    config_path: str,
+    no_launch: bool,
+    port: int | None,
+    engine_base_port: int | None,
+    policy: str | None,
+    ready_timeout: float,
 ) -> None:
     """Start the gateway (and the engines) a fleet file describes."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -215,6 +226,8 @@ def serve(
         config = load_fleet(config_path)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
+    if engine_base_port is not None:
+        config = config.with_engine_base_port(engine_base_port)
     if policy is not None and policy not in POLICIES:
         valid = ", ".join(sorted(POLICIES))
         raise click.ClickException(f"unknown policy {policy!r}; valid policies: {valid}")

@@ -12,10 +12,12 @@ from typing import Any
 import click
 import orjson
 
+from fleetserve.cli.console import make_console
 from fleetserve.config import ConfigError, FleetConfig, load_fleet
 from fleetserve.routing import make_policy
 from fleetserve.sim import SimInputError, SimOptions, find_capacity, plan_cells, run_sweep, simulate
 from fleetserve.sim.capacity import Probe
+from fleetserve.sim.metrics import FAILURE_REASONS
 from fleetserve.workload import TraceFormatError, TraceRequest, TransformSpec, apply_transforms, read_trace
 
 
@@ -119,27 +121,29 @@ def _write_json(payload: Any, path: str) -> None:
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"policy {summary['policy']} on {summary['fleet']['engines']} engines")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("requests", f"{summary['requests']} ({summary['failed']} failed)")
+    for reason, count in summary["failures"].items():
+        table.add_row(f"  failed: {reason}", f"{count}: {FAILURE_REASONS.get(reason, reason)}")
     for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
         stats = summary[key]
         if stats["p50"] is not None:
             table.add_row(key, f"p50 {stats['p50']:.1f}  p90 {stats['p90']:.1f}  p99 {stats['p99']:.1f}")
     table.add_row("SLO attainment", f"{summary['slo_attainment']:.1%}")
-    table.add_row("goodput", f"{summary['goodput_rps']:.2f} req/s")
+    offered = summary["offered_rps"]
+    table.add_row("offered rate", "n/a" if offered is None else f"{offered:.2f} req/s (over the arrivals)")
+    table.add_row("achieved rate", f"{summary['achieved_rps']:.2f} req/s (over the run, drain included)")
+    table.add_row("goodput", f"{summary['goodput_rps']:.2f} req/s (met the SLO, over the run)")
     table.add_row("throughput", f"{summary['throughput_tok_s']:.0f} output tok/s")
     table.add_row("prefix hit rate", f"{summary['prefix_hit_rate']:.1%}")
     table.add_row("preemptions", str(summary["preemptions"]))
     table.add_row("cost", f"${summary['cost_usd']:.2f} over {summary['duration_s']:.1f} s simulated")
     table.add_row("speed", f"{summary['sim_requests_per_s']:.0f} requests/s in {summary['wall_s']:.2f} s")
-    Console().print(table)
-    for reason, count in summary["failures"].items():
-        click.echo(f"failed: {count} x {reason}", err=True)
+    make_console().print(table)
 
 
 @click.group("sim", invoke_without_command=True)
@@ -182,6 +186,7 @@ def sim(
         from fleetserve.sim.report import render_report
 
         render_report([summary], report_path, title=f"fleetserve sim: {Path(config_path).name}")
+        click.echo(f"wrote the HTML report to {report_path}", err=True)
     if json_path != "-":
         _print_summary(summary)
 
@@ -214,9 +219,12 @@ def capacity(
 
     def show(probe: Probe) -> None:
         if not quiet:
-            click.echo(
-                f"probe {probe.rate_rps:.3f} req/s: SLO attainment {probe.slo_attainment:.1%}", err=True
+            attained = (
+                f"below the target {target:.0%} (stopped early, once it was out of reach)"
+                if probe.stopped_early
+                else f"{probe.slo_attainment:.1%}"
             )
+            click.echo(f"probe {probe.rate_rps:.3f} req/s: SLO attainment {attained}", err=True)
 
     with _user_errors():
         config, trace = _load(config_path, trace_path, trace_format, limit)
@@ -291,7 +299,9 @@ def sweep(
         from fleetserve.sim.report import render_report
 
         render_report(results, report_path, title=f"fleetserve sim sweep: {len(results)} runs")
+        click.echo(f"wrote the HTML report to {report_path}", err=True)
     if json_path != "-":
+        click.echo(f"{'fleet':>16} {'policy':>16} {'offered':>14}  {'SLO':>10}  {'TTFT p99':>18}  cost")
         for result in results:
             click.echo(
                 f"{result['fleet_name']:>16} {result['policy']:>16} {result['rate_rps']:8.3f} req/s  "

@@ -63,6 +63,8 @@ def _apply_transforms(requests: list[TraceRequest], options: dict[str, Any]) -> 
         sample_seed=options["sample_seed"],
         rate_scale=options["rate_scale"],
         length_scale=options["length_scale"],
+        max_input=options.get("max_input"),
+        max_output=options.get("max_output"),
         limit=options["limit"],
     )
     try:
@@ -78,10 +80,23 @@ def _read(path: str, fmt: str, keep_failed: bool) -> list[TraceRequest]:
         raise click.ClickException(str(error)) from None
 
 
-def _write(requests: list[TraceRequest], output: str) -> None:
+def _write(requests: list[TraceRequest], output: str, asked_rate: float | None = None) -> None:
+    """Write the trace and say what it holds: its size and its offered rate (arrivals over the span from
+    the first arrival to the last), beside the rate asked for when it differs."""
     written = write_jsonl(requests, output)
-    if output != "-":
-        click.echo(f"wrote {written} requests to {output}", err=True)
+    line = f"wrote {written} requests to {output}"
+    if len(requests) >= 2:
+        span_s = (requests[-1].timestamp_ms - requests[0].timestamp_ms) / 1000.0
+        if span_s > 0:
+            offered = (len(requests) - 1) / span_s
+            line += f": {offered:.2f} req/s offered over {span_s:.0f} s"
+            if asked_rate is not None and abs(offered - asked_rate) > 0.05 * asked_rate:
+                line += (
+                    f" (asked for {asked_rate:g} req/s: a conversation ends early when the window closes or"
+                    " its next prompt would pass --max-input, which lowers the rate; so do --sample and"
+                    " --limit)"
+                )
+    click.echo(line, err=True)
 
 
 trace_format_option = click.option(
@@ -313,7 +328,7 @@ def gen(
         raise click.ClickException(str(error)) from None
     except ValueError as error:
         raise click.UsageError(str(error)) from None
-    _write(_apply_transforms(requests, transforms), out)
+    _write(_apply_transforms(requests, transforms), out, asked_rate=rate * transforms["rate_scale"])
 
 
 @workload.command()
@@ -322,6 +337,13 @@ def gen(
 @keep_failed_option
 @output_option
 @transform_options
+@click.option(
+    "--max-input",
+    type=click.IntRange(min=1),
+    help="Cut prompts to N tokens (after length scaling), e.g. to fit a model's context; a cut prompt keeps"
+    " its whole shared-prefix blocks.",
+)
+@click.option("--max-output", type=click.IntRange(min=1), help="Cut answers to N tokens.")
 def convert(trace: str, fmt: str, keep_failed: bool, out: str, **transforms: Any) -> None:
     """Read TRACE in any supported format, apply the transforms, write fleetserve JSONL.
 

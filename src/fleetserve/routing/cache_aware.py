@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from fleetserve.routing.base import Decision, EngineView, FleetView, Policy, RequestInfo, require_candidates
 from fleetserve.routing.prefix import PrefixMatcher, prompt_tokens
+from fleetserve.routing.ties import break_tie, idle_instead
 
 # The approximate index's default bounds: 1 M blocks (~16 M tokens at block size 16) is about SGLang's
 # max_tree_size of 2**24 characters, and stays well under the 256 MB byte cap.
@@ -30,11 +31,20 @@ DEFAULT_TTL_S = 600.0
 
 
 class PrefixAwarePolicy(Policy):
-    """SGLang's cache_aware routing over block hashes instead of characters.
+    """SGLang's cache_aware routing over block hashes instead of characters, with bounded loads.
 
     Imbalanced means `max - min > balance_abs_threshold` and `max > min * balance_rel_threshold` over
     the candidates' normalised loads; the match rate is matched prefix tokens over prompt tokens.
     `cache_threshold` defaults to 0.3, the figure this project's design uses; SGLang's CLI default is 0.5.
+
+    One departure from SGLang, for heterogeneous fleets: a cache hit or a new prefix may only go to an
+    engine with room under a bounded load (consistent hashing with bounded loads, Mirrokni, Thorup and
+    Zadimoghaddam, SODA 2018, weighted by capacity). With `m` requests outstanding in all, engine `e` may
+    hold at most `ceil(load_bound * (m + 1) * capacity_e / total capacity)`. SGLang's imbalance test is in
+    absolute request counts (64): on a fleet of H100s and L4s it never fired while every session of a
+    tenant stuck to the L4 that first saw the tenant's system prompt, and three of four H100s sat idle.
+    The bound spreads a hot prefix to the next engine once its holders have their share, and keeps
+    affinity wherever there is room. `load_bound: 0` turns it off (SGLang's behaviour).
     """
 
     name = "prefix_aware"
@@ -45,6 +55,7 @@ class PrefixAwarePolicy(Policy):
         cache_threshold: float = 0.3,
         balance_abs_threshold: float = 64,
         balance_rel_threshold: float = 1.5,
+        load_bound: float = 1.25,
         max_tree_size: int = DEFAULT_MAX_BLOCKS,
         max_bytes: int = DEFAULT_MAX_BYTES,
         ttl_s: float = DEFAULT_TTL_S,
@@ -54,9 +65,12 @@ class PrefixAwarePolicy(Policy):
             raise ValueError(f"cache_threshold must be within 0..1, got {cache_threshold}")
         if balance_abs_threshold < 0 or balance_rel_threshold < 1.0:
             raise ValueError("balance_abs_threshold must be >= 0 and balance_rel_threshold >= 1")
+        if load_bound != 0 and load_bound < 1.0:
+            raise ValueError(f"load_bound must be 0 (off) or at least 1, got {load_bound}")
         self.cache_threshold = cache_threshold
         self.balance_abs_threshold = balance_abs_threshold
         self.balance_rel_threshold = balance_rel_threshold
+        self.load_bound = load_bound
         self.prefixes = PrefixMatcher(max_entries=max_tree_size, max_bytes=max_bytes, ttl_s=ttl_s)
         self._rng = random.Random(seed)
 
@@ -72,28 +86,50 @@ class PrefixAwarePolicy(Policy):
             tied = [engine for engine, load in zip(candidates, loads, strict=True) if load == low]
             return Decision(self._pick(tied).engine_id, "imbalanced")
 
+        roomy = self._with_room(candidates)
         best_blocks = max((matched.get(engine.engine_id, 0) for engine in candidates), default=0)
         tokens = prompt_tokens(request)
         match_rate = best_blocks * self.prefixes.block_size / tokens if tokens else 0.0
         if match_rate > self.cache_threshold:
-            holders = [engine for engine in candidates if matched.get(engine.engine_id, 0) == best_blocks]
-            # SGLang keeps one tree node per worker set; among equal holders the least loaded is the fair pick
-            least = min(engine.normalized_load for engine in holders)
-            return Decision(
-                self._pick([e for e in holders if e.normalized_load == least]).engine_id, "cache_hit"
-            )
-        # per unit of capacity, like the loads above: an H100 should take more new prefixes than an L4
-        sizes = [self.prefixes.sent_blocks(engine.engine_id) / engine.capacity for engine in candidates]
-        smallest = min(sizes)
-        tied = [engine for engine, size in zip(candidates, sizes, strict=True) if size == smallest]
-        return Decision(self._pick(tied).engine_id, "smallest_tree")
+            holders = [engine for engine in roomy if matched.get(engine.engine_id, 0) == best_blocks]
+            if holders:
+                # SGLang keeps one tree node per worker set; among equal holders the least loaded is fair
+                least = min(engine.normalized_load for engine in holders)
+                holder = self._pick([e for e in holders if e.normalized_load == least])
+                idle = idle_instead(holder, candidates, self._rng)
+                return (
+                    Decision(holder.engine_id, "cache_hit")
+                    if idle is None
+                    else Decision(idle.engine_id, "idle_engine")
+                )
+        # a new prefix goes to the least loaded engine with room, the fastest of those, and among engines
+        # alike in both to the smallest tree (SGLang's rule): at low load the fastest idle engine, not
+        # whichever small GPU has cached the least
+        least = min(engine.normalized_load for engine in roomy)
+        lightest = [engine for engine in roomy if engine.normalized_load == least]
+        fastest = max(engine.capacity for engine in lightest)
+        quickest = [engine for engine in lightest if engine.capacity == fastest]
+        sizes = [self.prefixes.sent_blocks(engine.engine_id) for engine in quickest]
+        tied = [engine for engine, size in zip(quickest, sizes, strict=True) if size == min(sizes)]
+        reason = "smallest_tree" if match_rate <= self.cache_threshold else "holders_full"
+        return Decision(self._pick(tied).engine_id, reason)
+
+    def _with_room(self, candidates: list[EngineView]) -> list[EngineView]:
+        """The candidates below their bounded load with this request counted (never empty: the slots add
+        up to more than the outstanding requests)."""
+        if not self.load_bound:
+            return candidates
+        outstanding = sum(engine.in_flight + engine.waiting for engine in candidates) + 1
+        share = self.load_bound * outstanding / sum(engine.capacity for engine in candidates)
+        roomy = [e for e in candidates if e.in_flight + e.waiting + 1 <= math.ceil(share * e.capacity)]
+        return roomy or candidates
 
     def on_dispatch(self, request: RequestInfo, engine_id: str, now: float) -> None:
         # SGLang inserts the prompt into the chosen worker's tree whichever branch chose it
         self.prefixes.record(request, engine_id, now)
 
     def _pick(self, tied: list[EngineView]) -> EngineView:
-        return tied[0] if len(tied) == 1 else self._rng.choice(tied)
+        return break_tie(tied, self._rng)
 
 
 @dataclass(slots=True)
@@ -154,8 +190,13 @@ class KVCostPolicy(Policy):
         if len(tied) > 1:
             sizes = [self.prefixes.sent_blocks(engine.engine_id) / engine.capacity for engine in tied]
             tied = [engine for engine, size in zip(tied, sizes, strict=True) if size == min(sizes)]
-        best = tied[0] if len(tied) == 1 else self._rng.choice(tied)
-        return Decision(best.engine_id, "lowest_cost")
+        best = break_tie(tied, self._rng)
+        idle = idle_instead(best, candidates, self._rng)
+        return (
+            Decision(best.engine_id, "lowest_cost")
+            if idle is None
+            else Decision(idle.engine_id, "idle_engine")
+        )
 
     def costs(
         self, request: RequestInfo, candidates: list[EngineView], matched: Mapping[str, int]

@@ -30,12 +30,14 @@ import bisect
 import functools
 import hashlib
 import itertools
+import random
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from fleetserve.routing.base import Decision, EngineView, FleetView, Policy, RequestInfo, require_candidates
 from fleetserve.routing.cache_aware import DEFAULT_MAX_BLOCKS, DEFAULT_MAX_BYTES, DEFAULT_TTL_S
 from fleetserve.routing.prefix import PrefixMatcher, prompt_tokens
+from fleetserve.routing.ties import idle_instead
 
 _MASK64 = (1 << 64) - 1
 # Two arbitrary odd constants make the two hash functions independent of each other.
@@ -144,6 +146,7 @@ class DualMapPolicy(Policy):
         max_tree_size: int = DEFAULT_MAX_BLOCKS,
         max_bytes: int = DEFAULT_MAX_BYTES,
         ttl_s: float = DEFAULT_TTL_S,
+        seed: int | None = None,
     ) -> None:
         """`ttft_slo_ms` applies to requests that carry no SLO of their own; `hotspot_factor` and
         `hotspot_min_load` define a hotspot: normalised load above both the factor times the candidates'
@@ -163,6 +166,7 @@ class DualMapPolicy(Policy):
         self.branching = PrefixBranching(common_fanout, max_entries=min(max_tree_size, _BRANCHING_ENTRIES))
         self.prefixes = PrefixMatcher(max_entries=max_tree_size, max_bytes=max_bytes, ttl_s=ttl_s)
         self._rings: OrderedDict[frozenset[str], tuple[HashRing, HashRing]] = OrderedDict()
+        self._rng = random.Random(seed)  # only to pick among identical idle engines
 
     def rings(self, engines: Iterable[str] | Mapping[str, float]) -> tuple[HashRing, HashRing]:
         """The primary and secondary rings over exactly these engines, weighted when given a mapping of
@@ -232,10 +236,13 @@ class DualMapPolicy(Policy):
         less_loaded = other if other.normalized_load < preferred.normalized_load else preferred
 
         if self._breaks_slo(request, preferred, matched.get(preferred.engine_id, 0)):
-            return Decision(less_loaded.engine_id, "slo_fallback")
-        if less_loaded is other and self._is_hotspot(preferred, candidates):
-            return Decision(other.engine_id, "hotspot")
-        return Decision(preferred.engine_id, reason)
+            preferred, reason = less_loaded, "slo_fallback"
+        elif less_loaded is other and self._is_hotspot(preferred, candidates):
+            preferred, reason = other, "hotspot"
+        idle = idle_instead(preferred, candidates, self._rng)
+        return (
+            Decision(preferred.engine_id, reason) if idle is None else Decision(idle.engine_id, "idle_engine")
+        )
 
     def _breaks_slo(self, request: RequestInfo, engine: EngineView, cached_blocks: int) -> bool:
         slo_ms = request.ttft_slo_ms if request.ttft_slo_ms is not None else self.ttft_slo_ms

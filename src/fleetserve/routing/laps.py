@@ -21,6 +21,7 @@ from typing import Literal
 
 from fleetserve.routing.base import Decision, EngineView, FleetView, Policy, RequestInfo, require_candidates
 from fleetserve.routing.prefix import prompt_tokens
+from fleetserve.routing.ties import least_loaded
 
 Lane = Literal["short", "long"]
 
@@ -70,9 +71,7 @@ class LAPSPolicy(Policy):
         members = [engine for engine in candidates if lanes.lane_of[engine.engine_id] == lane]
         # a lane whose engines are all down borrows the other lane's rather than failing the request
         pool = members or candidates
-        low = min(engine.normalized_load for engine in pool)
-        tied = [engine for engine in pool if engine.normalized_load == low]
-        best = tied[0] if len(tied) == 1 else self._rng.choice(tied)
+        best = least_loaded(pool, self._rng)
         return Decision(best.engine_id, f"{lane}_lane" if members else f"{lane}_lane_borrowed")
 
     def lanes(self, model: str) -> dict[str, Lane]:

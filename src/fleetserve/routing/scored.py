@@ -27,6 +27,7 @@ from fleetserve.routing.base import Decision, EngineView, FleetView, Policy, Req
 from fleetserve.routing.cache_aware import DEFAULT_MAX_BLOCKS, DEFAULT_MAX_BYTES, DEFAULT_TTL_S
 from fleetserve.routing.prefix import request_block_hashes
 from fleetserve.routing.slo import AdapterResidency, TTFTEstimator
+from fleetserve.routing.ties import break_tie, idle_instead
 
 DEFAULT_WEIGHTS: dict[str, float] = {"queue": 2.0, "kv": 2.0, "prefix": 3.0, "lora": 1.0}
 
@@ -81,8 +82,13 @@ class ScoredPolicy(Policy):
             for i in range(len(candidates))
         ]
         top = max(totals)
-        tied = [i for i, total in enumerate(totals) if total == top]
-        winner = tied[0] if len(tied) == 1 else self._rng.choice(tied)
+        best = break_tie(
+            [engine for engine, total in zip(candidates, totals, strict=True) if total == top], self._rng
+        )
+        idle = idle_instead(best, candidates, self._rng)
+        if idle is not None:
+            return Decision(idle.engine_id, "idle_engine")
+        winner = candidates.index(best)
         return Decision(candidates[winner].engine_id, self._reason(by_scorer, totals, winner))
 
     def _reason(self, by_scorer: dict[str, list[float]], totals: list[float], winner: int) -> str:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fleetserve.routing.base import Decision, EngineView, FleetView, Policy, RequestInfo, require_candidates
+from fleetserve.routing.ties import break_tie
 
 
 class RandomPolicy(Policy):
@@ -39,7 +40,7 @@ class RoundRobinPolicy(Policy):
 
 class LeastRequestPolicy(Policy):
     """The engine with the least outstanding work per unit of capacity: an H100 with three times an L4's
-    capacity takes three times the requests before it looks as loaded. Ties are broken at random."""
+    capacity takes three times the requests before it looks as loaded. Ties go to the fastest engine."""
 
     name = "least_request"
 
@@ -51,12 +52,8 @@ class LeastRequestPolicy(Policy):
         loads, low, ties = _least_loaded(candidates)
         if ties == 1:
             return Decision(candidates[loads.index(low)].engine_id, "least_request")
-        # rng.choice(tied engines) without building that list: choice draws its index from the length
-        # alone, so choosing from range(ties) draws the same one; then find that tie in place
-        index = loads.index(low)
-        for _ in range(self._rng.choice(range(ties))):
-            index = loads.index(low, index + 1)
-        return Decision(candidates[index].engine_id, "least_request")
+        tied = [engine for engine, load in zip(candidates, loads, strict=True) if load == low]
+        return Decision(break_tie(tied, self._rng).engine_id, "least_request")
 
 
 class LeastKVPolicy(Policy):
@@ -87,7 +84,10 @@ class PowerOfTwoPolicy(Policy):
         if len(candidates) == 1:
             return Decision(candidates[0].engine_id, "only_candidate")
         first, second = self._rng.sample(candidates, 2)
-        best = second if second.normalized_load < first.normalized_load else first
+        if first.normalized_load == second.normalized_load:
+            best = first if first.capacity >= second.capacity else second
+        else:
+            best = second if second.normalized_load < first.normalized_load else first
         return Decision(best.engine_id, "power_of_two")
 
 
@@ -102,5 +102,4 @@ def _least_loaded(candidates: list[EngineView]) -> tuple[list[float], float, int
 def _lowest(candidates: list[EngineView], key: Callable[[EngineView], Any], rng: random.Random) -> EngineView:
     scores = [key(engine) for engine in candidates]
     low = min(scores)
-    tied = [engine for engine, score in zip(candidates, scores, strict=True) if score == low]
-    return tied[0] if len(tied) == 1 else rng.choice(tied)
+    return break_tie([engine for engine, score in zip(candidates, scores, strict=True) if score == low], rng)

@@ -28,6 +28,7 @@ from fleetserve.routing.base import (
 from fleetserve.routing.cache_aware import DEFAULT_MAX_BLOCKS, DEFAULT_MAX_BYTES, DEFAULT_TTL_S
 from fleetserve.routing.dualmap import HashRing, stable_hash
 from fleetserve.routing.prefix import PrefixMatcher, prompt_tokens
+from fleetserve.routing.ties import break_tie, least_loaded
 
 # ---- TTFT prediction ---------------------------------------------------------------------------------
 
@@ -111,8 +112,7 @@ class SLOAwarePolicy(Policy):
             return (math.inf if seconds is None else seconds, engine.normalized_load)
 
         best_rank = min(rank(engine) for engine in candidates)
-        tied = [engine for engine in candidates if rank(engine) == best_rank]
-        best = tied[0] if len(tied) == 1 else self._rng.choice(tied)
+        best = break_tie([engine for engine in candidates if rank(engine) == best_rank], self._rng)
         best_s = predicted[best.engine_id]
         if best_s is None:
             return Decision(best.engine_id, "no_prediction")
@@ -153,7 +153,7 @@ class SessionPolicy(Policy):
     def choose(self, request: RequestInfo, view: FleetView, now: float) -> Decision:
         candidates = require_candidates(request, view)
         if request.session is None:
-            return Decision(_least_loaded(candidates, self._rng).engine_id, "no_session")
+            return Decision(least_loaded(candidates, self._rng).engine_id, "no_session")
         members = frozenset(e.engine_id for e in view.engines.values() if e.serves(request))
         routable = {engine.engine_id for engine in candidates}
         owners = enumerate(self._ring(members).walk(stable_hash(request.session)))
@@ -247,7 +247,7 @@ class LoraAffinityPolicy(Policy):
         candidates = require_candidates(request, view)
         scores = [self.residency.score(engine, request.adapter) for engine in candidates]
         top = max(scores)
-        best = _least_loaded([e for e, s in zip(candidates, scores, strict=True) if s == top], self._rng)
+        best = least_loaded([e for e, s in zip(candidates, scores, strict=True) if s == top], self._rng)
         return Decision(best.engine_id, _LORA_REASONS[top])
 
     def on_dispatch(self, request: RequestInfo, engine_id: str, now: float) -> None:
@@ -266,9 +266,3 @@ _LORA_REASONS = {
     SCORE_LOADING: "adapter_loading",
     0.0: "adapter_evicting",
 }
-
-
-def _least_loaded(engines: list[EngineView], rng: random.Random) -> EngineView:
-    low = min(engine.normalized_load for engine in engines)
-    tied = [engine for engine in engines if engine.normalized_load == low]
-    return tied[0] if len(tied) == 1 else rng.choice(tied)

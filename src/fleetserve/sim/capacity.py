@@ -3,10 +3,17 @@
 The trace keeps its shape (its burstiness, lengths and prefixes); only its timestamps are divided by the
 rate scale. SLO attainment is assumed to fall as the rate rises, which holds for any fleet that does not
 shed load cleverly; the probes are reported so a non-monotone curve is visible.
+
+Two things keep the search short. The first probe runs the whole trace, and if requests fail there for
+reasons no rate changes (a prompt longer than the model's context, a model no engine serves) so that
+the target is out of reach at every rate, the search stops and says why (`UnreachableTarget`). Every
+later probe stops as soon as enough requests have missed the SLO that the target cannot be met: a probe
+far past capacity costs a fraction of a full run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -14,6 +21,7 @@ from typing import Any
 
 from fleetserve.config import FleetConfig
 from fleetserve.sim.errors import SimInputError
+from fleetserve.sim.metrics import FAILURE_REASONS, LOAD_INDEPENDENT_FAILURES
 from fleetserve.sim.simulator import SimOptions, rate_of, simulate
 from fleetserve.workload import TraceRequest
 from fleetserve.workload.transform import scale_rate
@@ -24,6 +32,35 @@ class Probe:
     rate_rps: float
     slo_attainment: float
     summary: dict[str, Any] = field(repr=False, compare=False)
+
+    @property
+    def stopped_early(self) -> bool:
+        return bool(self.summary.get("stopped_early"))
+
+
+class UnreachableTarget(SimInputError):
+    """Requests fail whatever the rate, so many that no rate meets the target."""
+
+
+def load_independent_failures(summary: dict[str, Any]) -> dict[str, int]:
+    return {reason: n for reason, n in summary["failures"].items() if reason in LOAD_INDEPENDENT_FAILURES}
+
+
+def _unreachable(summary: dict[str, Any], target: float) -> UnreachableTarget | None:
+    static = load_independent_failures(summary)
+    total = summary["requests"]
+    best = 1.0 - sum(static.values()) / total if total else 0.0
+    if best >= target:
+        return None
+    reasons = "; ".join(
+        f"{n} x {reason}: {FAILURE_REASONS.get(reason, reason)}" for reason, n in static.items()
+    )
+    return UnreachableTarget(
+        f"SLO attainment can reach at most {best:.1%} at any rate, below the target {target:.0%}:"
+        f" {sum(static.values())} of {total} requests fail whatever the load ({reasons}). Serve the model"
+        " with a longer context (max_context in the catalog, or a model that has one), or cut the prompts:"
+        " fleetserve workload convert TRACE --max-input N -o cut.jsonl"
+    )
 
 
 @dataclass(frozen=True)
@@ -42,11 +79,17 @@ class CapacityResult:
             "target": self.target,
             "bounded": self.bounded,
             "policy": at_capacity.get("policy"),
+            "offered_rps": at_capacity.get("offered_rps"),
+            "achieved_rps": at_capacity.get("achieved_rps"),
             "goodput_rps": at_capacity.get("goodput_rps"),
+            "rate_windows": at_capacity.get("rate_windows"),
             "ttft_ms": at_capacity.get("ttft_ms"),
             "tpot_ms": at_capacity.get("tpot_ms"),
             "cost_per_million_tokens_usd": at_capacity.get("cost_per_million_tokens_usd"),
-            "probes": [{"rate_rps": p.rate_rps, "slo_attainment": p.slo_attainment} for p in self.probes],
+            "probes": [
+                {"rate_rps": p.rate_rps, "slo_attainment": p.slo_attainment, "stopped_early": p.stopped_early}
+                for p in self.probes
+            ],
         }
 
 
@@ -71,14 +114,20 @@ def find_capacity(
     if not math.isfinite(base_rate):
         raise SimInputError("capacity search needs a trace with at least two distinct arrival times")
     probes: list[Probe] = []
+    full = options or SimOptions()
+    hasty = dataclasses.replace(full, give_up_below=target)
 
     def probe(rate: float) -> bool:
         scaled = scale_rate(trace, rate / base_rate)
-        summary = simulate(config, scaled, policy, seed, params=params, options=options).summary
+        first = not probes
+        run_options = full if first else hasty
+        summary = simulate(config, scaled, policy, seed, params=params, options=run_options).summary
         result = Probe(rate, summary["slo_attainment"], summary)
         probes.append(result)
         if on_probe is not None:
             on_probe(result)
+        if first and (unreachable := _unreachable(summary, target)) is not None:
+            raise unreachable
         return result.slo_attainment >= target
 
     low: float | None = None  # highest rate known to pass

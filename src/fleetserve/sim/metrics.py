@@ -71,6 +71,22 @@ class SLO:
     tpot_s: float
 
 
+# why a simulated request failed, as the summary's `failures` names it, in words for people
+FAILURE_REASONS = {
+    "engine_rejected": "the engine refused it: its prompt leaves no room in the model's context, or it could"
+    " never fit the KV cache",
+    "model_not_served": "no engine of the fleet serves the model it names",
+    "no_engine": "no engine serves its model and adapter",
+    "rejected": "the routing policy shed it",
+    "engine_abort": "the engine aborted it",
+    "engine_error": "the engine failed it",
+    "unfinished": "it never finished (e.g. it waits for an adapter no engine loads)",
+    "not_simulated": "the run stopped early (the SLO target was already out of reach)",
+}
+# failures that no arrival rate changes: the same requests fail at any load
+LOAD_INDEPENDENT_FAILURES = frozenset({"engine_rejected", "model_not_served", "no_engine"})
+
+
 class RequestMetrics:
     """What happened to each request of a run, indexed by its position in the trace."""
 

@@ -147,6 +147,9 @@ def _load_section(result: dict[str, Any]) -> str:
     times = load["t_s"]
     in_flight: dict[str, list[int]] = load["in_flight"]
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    # 20 distinct colours: the default cycle has 10, so engines 11-16 would repeat the first ones
+    for axis in axes:
+        axis.set_prop_cycle(color=plt.get_cmap("tab20").colors)
     for engine_id, series in list(in_flight.items())[:MAX_ENGINE_LINES]:
         axes[0].plot(times, series, linewidth=0.8, label=engine_id)
         axes[1].plot(times, load["kv_usage"][engine_id], linewidth=0.8, label=engine_id)

@@ -2,13 +2,15 @@
 
 The summary's keys are a stable interface (scripts and the twin check read them): requests, completed,
 failed, failures, ttft_ms / tpot_ms / itl_ms / e2e_ms (p50, p90, p99, mean), slo_attainment,
-goodput_rps, throughput_tok_s, prefix_hit_rate, preemptions, cost_usd, cost_per_million_tokens_usd,
+offered_rps, achieved_rps, goodput_rps (each rate's window is in rate_windows), throughput_tok_s,
+prefix_hit_rate, preemptions, cost_usd, cost_per_million_tokens_usd,
 duration_s, wall_s, sim_requests_per_s, per_engine, policy, fleet, slo, latency_quantiles,
 load_over_time.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,24 +26,47 @@ QUANTILE_POINTS = 101  # 0%, 1%, ..., 100%: enough to draw a CDF in the report
 
 @dataclass
 class LoadSeries:
-    """Per-engine in-flight requests and KV usage sampled over simulated time."""
+    """Per-engine in-flight requests, requests waiting in the engine's queue, and KV usage, sampled over
+    simulated time."""
 
     engine_ids: list[str]
     times: list[float] = field(default_factory=list)
     in_flight: list[list[int]] = field(default_factory=list)  # one row per sample
+    waiting: list[list[int]] = field(default_factory=list)
     kv_usage: list[list[float]] = field(default_factory=list)
 
     def sample(self, now: float, engines: Sequence[SimEngine]) -> None:
         self.times.append(now)
         self.in_flight.append([engine.in_flight for engine in engines])
+        self.waiting.append([engine.view.waiting for engine in engines])
         self.kv_usage.append([round(engine.view.kv_usage, 4) for engine in engines])
+
+    def idle_while_queued(self) -> int:
+        """Samples in which one engine had nothing to do while another had requests waiting in its queue
+        (engines of one model: the simulated fleets here serve one model per run)."""
+        return sum(
+            1
+            for in_flight, waiting in zip(self.in_flight, self.waiting, strict=True)
+            if 0 in in_flight and any(waiting)
+        )
 
     def to_json(self, start: float) -> dict[str, Any]:
         return {
             "t_s": [round(t - start, 4) for t in self.times],
             "in_flight": {eid: [row[i] for row in self.in_flight] for i, eid in enumerate(self.engine_ids)},
+            "waiting": {eid: [row[i] for row in self.waiting] for i, eid in enumerate(self.engine_ids)},
+            "idle_while_queued_samples": self.idle_while_queued(),
             "kv_usage": {eid: [row[i] for row in self.kv_usage] for i, eid in enumerate(self.engine_ids)},
         }
+
+
+# what each rate of the summary counts, over which span of simulated time
+RATE_WINDOWS = {
+    "offered_rps": "arrivals / (last arrival - first arrival): the rate the trace asks for",
+    "achieved_rps": "completed requests / duration_s (first arrival to last completion, the drain included)",
+    "goodput_rps": "requests that met the SLO / duration_s (first arrival to last completion)",
+    "throughput_tok_s": "output tokens of completed requests / duration_s",
+}
 
 
 @dataclass
@@ -68,7 +93,9 @@ def build_result(
     end: float,
     load: LoadSeries,
     wall_s: float,
+    offered_rps: float,
 ) -> SimResult:
+    """`offered_rps` is the trace's arrival rate (requests over the first-to-last-arrival span)."""
     arrays = metrics.arrays()
     total = int(arrays.arrival.size)
     done = arrays.completed
@@ -94,6 +121,8 @@ def build_result(
         "failed": total - completed,
         "failures": dict(sorted(metrics.failures.items())),
         "duration_s": duration,
+        "offered_rps": offered_rps if math.isfinite(offered_rps) else None,
+        "achieved_rps": completed / duration if duration > 0 else 0.0,
         "ttft_ms": latency_stats_ms(ttft),
         "tpot_ms": latency_stats_ms(tpot),
         "itl_ms": metrics.itl.summary_ms(),
@@ -103,6 +132,7 @@ def build_result(
         "throughput_tok_s": output_tokens / duration if duration > 0 else 0.0,
         "prefix_hit_rate": cached_tokens / prompt_tokens if prompt_tokens else 0.0,
         "preemptions": sum(engine.model.metrics.num_preemptions for engine in fleet.engines),
+        "rate_windows": RATE_WINDOWS,
         "cost_usd": cost,
         "cost_per_million_tokens_usd": cost / processed_tokens * 1e6 if processed_tokens else None,
         "wall_s": wall_s,

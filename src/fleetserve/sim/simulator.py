@@ -39,6 +39,9 @@ class SimOptions:
     load_samples: int = 200  # points of the per-engine load-over-time series
     default_model: str | None = None  # for trace requests that name no model; None: the first engine's
     prompt_seed: int = 0  # seeds the tokens of prompts no other request shares
+    # stop the run as soon as SLO attainment can no longer reach this (a capacity probe far past capacity
+    # needs no more than that); the summary then says `stopped_early`
+    give_up_below: float | None = None
 
 
 class _Live:
@@ -90,6 +93,12 @@ class Simulator:
         span = (self.trace[-1].timestamp_ms - self.trace[0].timestamp_ms) / 1000.0 if self.trace else 0.0
         self._sample_interval = max(span / max(options.load_samples, 1), self._sync_interval, 1e-3)
         self.load = LoadSeries([engine.engine_id for engine in self.fleet.engines])
+        # with give_up_below: how many requests may miss the SLO before the target is out of reach
+        self._allowed_misses = (
+            None if options.give_up_below is None else (1.0 - options.give_up_below) * len(self.trace)
+        )
+        self._late = 0  # finished requests that missed the SLO
+        self.stopped_early = False
 
     def run(self, progress: ProgressCallback | None = None) -> SimResult:
         started = time.perf_counter()
@@ -116,13 +125,18 @@ class Simulator:
             self._arrive(index, request, now)
             if progress is not None and index % report_every == 0:
                 progress(index, total)
+            if self._allowed_misses is not None and self._out_of_reach():
+                self.stopped_early = True
+                break
         # drain: keep syncing (and sampling) until every engine is idle
-        while self._wakeups:
+        while self._wakeups and not self.stopped_early:
             next_tick = max(next_tick, self.clock.now)
             next_sample = self._tick(next_tick, next_sample)
             next_tick += tick
+            if self._allowed_misses is not None and self._out_of_reach():
+                self.stopped_early = True
         for live in self._live.values():  # stuck for good, e.g. waiting for an adapter no one loads
-            self.metrics.fail(live.index, "unfinished")
+            self.metrics.fail(live.index, "unfinished" if not self.stopped_early else "not_simulated")
         last_arrival = self.trace[-1].timestamp_ms / 1000.0 if total else start
         end = max(self._last_finish, last_arrival)
         for engine in self.fleet.engines:
@@ -130,7 +144,7 @@ class Simulator:
                 engine.busy_time += end - engine.busy_since
         if progress is not None:
             progress(total, total)
-        return build_result(
+        result = build_result(
             config=self.config,
             policy=self.policy.name,
             fleet=self.fleet,
@@ -140,7 +154,16 @@ class Simulator:
             end=end,
             load=self.load,
             wall_s=time.perf_counter() - started,
+            offered_rps=rate_of(self.trace),
         )
+        if self.stopped_early:
+            result.summary["stopped_early"] = True
+        return result
+
+    def _out_of_reach(self) -> bool:
+        """More requests have missed the SLO (failed, or finished late) than the target allows."""
+        assert self._allowed_misses is not None
+        return self._late + sum(self.metrics.failures.values()) > self._allowed_misses
 
     def _tick(self, now: float, next_sample: float) -> float:
         self.clock.advance_to(max(now, self.clock.now))
@@ -266,8 +289,16 @@ class Simulator:
                 else:
                     metrics.finish[live.index] = last
                     metrics.output_tokens[live.index] = live.tokens
+                    if self._allowed_misses is not None and self._missed(live, last):
+                        self._late += 1
                 if last > self._last_finish:
                     self._last_finish = last
+
+    def _missed(self, live: _Live, last: float) -> bool:
+        first = self.metrics.first_token[live.index]
+        if first - self.metrics.arrival[live.index] > self.slo.ttft_s:
+            return True
+        return live.tokens > 1 and (last - first) / (live.tokens - 1) > self.slo.tpot_s
 
 
 def simulate(

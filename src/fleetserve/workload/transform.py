@@ -1,8 +1,9 @@
-"""Reshape a trace: cut a time window, sample, scale the arrival rate or the lengths, keep the first N.
+"""Reshape a trace: cut a time window, sample, scale the arrival rate or the lengths, clip the lengths,
+keep the first N.
 
 `apply_transforms` runs them in a fixed order, so a command line means one thing: window (in the
 original trace's seconds, re-based to start at 0), then sample, then rate scaling, then length scaling,
-then the limit.
+then clipping, then the limit.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ class TransformSpec:
     sample_seed: int = 0
     rate_scale: float = 1.0
     length_scale: float = 1.0
+    max_input: int | None = None
+    max_output: int | None = None
     limit: int | None = None
 
 
@@ -37,6 +40,8 @@ def apply_transforms(requests: Sequence[TraceRequest], spec: TransformSpec) -> l
         result = scale_rate(result, spec.rate_scale)
     if spec.length_scale != 1.0:
         result = scale_lengths(result, spec.length_scale)
+    if spec.max_input is not None or spec.max_output is not None:
+        result = clip_lengths(result, spec.max_input, spec.max_output)
     if spec.limit is not None:
         result = limit(result, spec.limit)
     return result
@@ -109,6 +114,31 @@ def scale_lengths(requests: Sequence[TraceRequest], factor: float) -> list[Trace
             )
         )
     return scaled
+
+
+def clip_lengths(
+    requests: Sequence[TraceRequest], max_input: int | None, max_output: int | None
+) -> list[TraceRequest]:
+    """Cut prompts to `max_input` tokens and answers to `max_output` (so a trace fits a model's context).
+    A clipped prompt keeps the hash blocks that still fit in it whole, so it keeps its shared prefix."""
+    for name, value in (("max input", max_input), ("max output", max_output)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    clipped: list[TraceRequest] = []
+    for request in requests:
+        input_length = request.input_length if max_input is None else min(request.input_length, max_input)
+        output_length = (
+            request.output_length if max_output is None else min(request.output_length, max_output)
+        )
+        hash_ids = request.hash_ids
+        if hash_ids is not None and input_length < request.input_length:
+            hash_ids = hash_ids[: -(-input_length // request.hash_block_size)]
+        clipped.append(
+            dataclasses.replace(
+                request, input_length=input_length, output_length=output_length, hash_ids=hash_ids
+            )
+        )
+    return clipped
 
 
 def limit(requests: Sequence[TraceRequest], count: int) -> list[TraceRequest]:

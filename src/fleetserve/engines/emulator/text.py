@@ -27,6 +27,7 @@ import zlib
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 from fleetserve.protocol.tokenizer import Tokenizer
 
@@ -58,6 +59,8 @@ class Vocabulary:
 
     words: tuple[str, ...]
     ids: tuple[int, ...]
+
+    WORDS: ClassVar[tuple[str, ...]] = _WORDS  # the built-in words, each with its leading space
 
     @classmethod
     def for_tokenizer(cls, tokenizer: Tokenizer) -> Vocabulary:
