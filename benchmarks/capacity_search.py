@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import cpu_model
+from common import cpu_model, record
 
 ROOT = Path(__file__).resolve().parent.parent
 FLEETSERVE = Path(sys.executable).with_name("fleetserve")
@@ -133,8 +133,7 @@ def main() -> None:
     )
     print(text)
     if not args.no_append:
-        with (ROOT / "docs" / "benchmarks.md").open("a") as docs:
-            docs.write("\n" + text)
+        record(text)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,12 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("FLEETSERVE_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
+def record(section: str) -> None:
+    """Append a benchmark's section to docs/benchmarks.md, after a blank line."""
+    with (ROOT / "docs" / "benchmarks.md").open("a") as docs:
+        docs.write("\n" + section)
+
+
 def shared_trace(name: str) -> Path:
     """A trace of the shared data, e.g. "mooncake_conversation.jsonl"."""
     return SHARED_DATA / "traces" / name

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from common import answers, cpu_model, free_port, shared_trace, stop_process_group
+from common import answers, cpu_model, free_port, record, shared_trace, stop_process_group
 from fleetserve.bench.metrics import SLO
 from fleetserve.bench.runner import BenchConfig, BenchResult, run_bench
 from fleetserve.routing import POLICIES
@@ -279,8 +279,7 @@ def main() -> None:
     )
     print(section)
     if not args.no_write:
-        with (ROOT / "docs" / "benchmarks.md").open("a") as out:
-            out.write("\n" + section)
+        record(section)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from common import answers, cpu_model, free_port, stop_process_group
+from common import answers, cpu_model, free_port, record, stop_process_group
 
 ROOT = Path(__file__).resolve().parent.parent
 FLEETSERVE = Path(sys.executable).with_name("fleetserve")
@@ -325,8 +325,7 @@ def main() -> None:
     print(text)
     print(json.dumps({"passed": passed, "lost": lost, "logs": str(logs)}))
     if not args.no_append:
-        with (ROOT / "docs" / "benchmarks.md").open("a") as docs:
-            docs.write("\n" + text)
+        record(text)
     if not passed:
         raise SystemExit(1)
 

@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from common import answers, cpu_model, free_port_block, stop_process_group
+from common import answers, cpu_model, free_port_block, record, stop_process_group
 from fleetserve.bench.metrics import SLO
 from fleetserve.bench.runner import BenchConfig, BenchResult, run_bench
 from fleetserve.config import FleetConfig, parse_fleet
@@ -265,8 +265,8 @@ def live_figures(result: BenchResult, settings: TwinSettings) -> Figures:
     tpot = np.array([record.tpot or 0.0 for record in done]) / scale
     met = (ttft * 1000.0 <= settings.slo_ttft_ms) & (tpot * 1000.0 <= settings.slo_tpot_ms)
     by_request = np.full(len(result.records), np.nan)
-    for record in done:
-        by_request[record.index] = 1000.0 * record.ttft / scale
+    for request in done:
+        by_request[request.index] = 1000.0 * request.ttft / scale
     return Figures(
         ttft_ms=float(np.median(ttft)) * 1000.0 if done else float("nan"),
         tpot_ms=float(np.median(tpot)) * 1000.0 if done else float("nan"),
@@ -465,8 +465,7 @@ def main() -> None:
     section, ok = report(runs, settings, args.tolerance, args.rank_margin, command.strip())
     print(section)
     if not args.no_write:
-        with (ROOT / "docs" / "benchmarks.md").open("a") as out:
-            out.write("\n" + section)
+        record(section)
     sys.exit(0 if ok else 1)
 
 

@@ -20,8 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance
 from tests.conformance.openai_spec import OPERATIONS, STREAM_EVENT_SCHEMAS, trimmed_spec
-from tests.helpers import free_port, free_ports, wait_until
-from tests.integration.gateway_harness import Serve, answers
+from tests.integration.gateway_harness import emulated_gateway
 
 MODEL = "llama-3-8b"
 EXAMPLES = 100  # per operation
@@ -30,20 +29,10 @@ EXAMPLES = 100  # per operation
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("conformance")
-    port = free_port()
-    fleet = {
-        # time_scale 0.01: answers a hundred times faster than an H100 would, so many examples fit in CI
-        "engines": [{"name": "h100", "gpu": "h100-80g", "model": MODEL, "replicas": 2, "time_scale": 0.01}],
-        "emulator": {"base_port": free_ports(2)},
-        "gateway": {"port": port, "health_interval_s": 0.2},
-    }
-    serve = Serve(tmp, fleet)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: answers(url + "/ready"), timeout=60, message="gateway ready:\n" + serve.output())
+    # time_scale 0.01: answers a hundred times faster than an H100 would, so many examples fit in CI
+    group = {"name": "h100", "gpu": "h100-80g", "model": MODEL, "replicas": 2, "time_scale": 0.01}
+    with emulated_gateway(tmp, group) as url:
         yield url
-    finally:
-        serve.kill()
 
 
 def openai_shaped_errors(ctx: object, response: object, case: object) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from tests.helpers import free_port, wait_until
+from tests.helpers import free_port, free_ports, wait_until
 
 UPSTREAM = Path(__file__).with_name("upstream_server.py")
 FLEETSERVE = Path(sys.executable).with_name("fleetserve")
@@ -175,3 +176,22 @@ class Serve:
         if self.popen.poll() is None:
             os.killpg(self.popen.pid, signal.SIGKILL)
         self.popen.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def emulated_gateway(tmp_path: Path, group: dict[str, Any]) -> Iterator[str]:
+    """`fleetserve serve` over `group["replicas"]` emulated engines of one group on free ports; yields the
+    gateway's URL once it is ready, and kills everything on exit."""
+    port = free_port()
+    fleet = {
+        "engines": [group],
+        "emulator": {"base_port": free_ports(int(group.get("replicas", 1)))},
+        "gateway": {"port": port, "health_interval_s": 0.2},
+    }
+    serve = Serve(tmp_path, fleet)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: answers(url + "/ready"), timeout=60, message="gateway ready:\n" + serve.output())
+        yield url
+    finally:
+        serve.kill()

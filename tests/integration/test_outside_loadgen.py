@@ -21,8 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tests.helpers import free_port, free_ports, wait_until
-from tests.integration.gateway_harness import Serve, answers
+from tests.integration.gateway_harness import emulated_gateway
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from fleetserve.engines.emulator.text import Vocabulary
@@ -75,19 +74,9 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Pat
     tmp = tmp_path_factory.mktemp("outside_loadgen")
     tokenizer = word_tokenizer(tmp / "tokenizer")
     assert len(json_tokenizer(tokenizer).encode(" the of and")) == 3
-    port = free_port()
-    fleet = {
-        "engines": [{"name": "l4", "gpu": "l4", "model": MODEL, "replicas": 2, "tokenizer": str(tokenizer)}],
-        "emulator": {"base_port": free_ports(2)},
-        "gateway": {"port": port, "health_interval_s": 0.2},
-    }
-    serve = Serve(tmp, fleet)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: answers(url + "/ready"), timeout=60, message="gateway ready:\n" + serve.output())
+    group = {"name": "l4", "gpu": "l4", "model": MODEL, "replicas": 2, "tokenizer": str(tokenizer)}
+    with emulated_gateway(tmp, group) as url:
         yield url, tokenizer.parent
-    finally:
-        serve.kill()
 
 
 def run_inference_perf(url: str, tokenizer_dir: Path, out: Path) -> dict:
