@@ -19,7 +19,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance
-from tests.conformance.openai_spec import OPERATIONS, STREAM_EVENT_SCHEMAS, trimmed_spec
+from tests.conformance.openai_spec import OPERATIONS, STREAM_EVENT_SCHEMAS, as_json_schema, trimmed_spec
 from tests.integration.gateway_harness import emulated_gateway
 
 MODEL = "llama-3-8b"
@@ -49,7 +49,9 @@ def openai_shaped_errors(ctx: object, response: object, case: object) -> None:
 def stream_events_conform(spec: dict) -> object:
     """A check that validates every `data:` payload of a 200 stream against OpenAI's event schema."""
     validators = {
-        path: jsonschema.Draft202012Validator({**spec, "$ref": f"#/components/schemas/{name}"})
+        path: jsonschema.Draft202012Validator(
+            {**as_json_schema(spec), "$ref": f"#/components/schemas/{name}"}
+        )
         for path, name in STREAM_EVENT_SCHEMAS.items()
     }
 
@@ -73,18 +75,53 @@ def stream_events_conform(spec: dict) -> object:
     return check
 
 
-@pytest.mark.parametrize("path", sorted(OPERATIONS))
-def test_the_gateway_conforms_to_openais_spec(gateway: str, path: str) -> None:
-    spec = trimmed_spec(MODEL, gateway)
-    schema = schemathesis.openapi.from_dict(spec)
-    operation = schema[path][OPERATIONS[path]]
-    checks = [
+def checks_for(spec: dict) -> list:
+    return [
         not_a_server_error,
         response_schema_conformance,
         content_type_conformance,
         openai_shaped_errors,
         stream_events_conform(spec),
     ]
+
+
+# generated bodies rarely stream (`stream` is optional and defaults to false), so streams get their own cases
+STREAMS = {
+    "/chat/completions": [
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 12},
+        {
+            "model": MODEL,
+            "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_completion_tokens": 20,
+            "stop": ["the"],
+        },
+    ],
+    "/completions": [
+        {"model": MODEL, "prompt": "once upon a time", "stream": True, "max_tokens": 16},
+        {"model": MODEL, "prompt": [1, 2, 3], "stream": True, "stream_options": {"include_usage": True}},
+    ],
+}
+
+
+@pytest.mark.parametrize("path", sorted(STREAMS))
+def test_streams_conform_to_openais_stream_schemas(gateway: str, path: str) -> None:
+    spec = trimmed_spec(MODEL)
+    operation = schemathesis.openapi.from_dict(spec)[path]["post"]
+    for body in STREAMS[path]:
+        case = operation.Case(body=body, media_type="application/json")
+        response = case.call_and_validate(base_url=gateway + "/v1", checks=checks_for(spec), timeout=30)
+        assert response.status_code == 200
+        assert response.headers["content-type"][0].startswith("text/event-stream")
+
+
+@pytest.mark.parametrize("path", sorted(OPERATIONS))
+def test_the_gateway_conforms_to_openais_spec(gateway: str, path: str) -> None:
+    spec = trimmed_spec(MODEL)
+    schema = schemathesis.openapi.from_dict(spec)
+    operation = schema[path][OPERATIONS[path]]
+    checks = checks_for(spec)
 
     @given(operation.as_strategy())
     @settings(
