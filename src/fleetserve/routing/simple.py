@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fleetserve.routing.base import Decision, EngineView, FleetView, Policy, RequestInfo, require_candidates
-from fleetserve.routing.ties import break_tie
+from fleetserve.routing.ties import break_tie, least_loaded
 
 
 class RandomPolicy(Policy):
@@ -48,12 +48,7 @@ class LeastRequestPolicy(Policy):
         self._rng = random.Random(seed)
 
     def choose(self, request: RequestInfo, view: FleetView, now: float) -> Decision:
-        candidates = require_candidates(request, view)
-        loads, low, ties = _least_loaded(candidates)
-        if ties == 1:
-            return Decision(candidates[loads.index(low)].engine_id, "least_request")
-        tied = [engine for engine, load in zip(candidates, loads, strict=True) if load == low]
-        return Decision(break_tie(tied, self._rng).engine_id, "least_request")
+        return Decision(least_loaded(require_candidates(request, view), self._rng).engine_id, "least_request")
 
 
 class LeastKVPolicy(Policy):
@@ -89,14 +84,6 @@ class PowerOfTwoPolicy(Policy):
         else:
             best = second if second.normalized_load < first.normalized_load else first
         return Decision(best.engine_id, "power_of_two")
-
-
-def _least_loaded(candidates: list[EngineView]) -> tuple[list[float], float, int]:
-    """Each candidate's `normalized_load`, the lowest of them and how many candidates have it. The
-    property is inlined: the simulator runs this for every request over every engine."""
-    loads = [(engine.in_flight + engine.waiting) / engine.capacity for engine in candidates]
-    low = min(loads)
-    return loads, low, loads.count(low)
 
 
 def _lowest(candidates: list[EngineView], key: Callable[[EngineView], Any], rng: random.Random) -> EngineView:

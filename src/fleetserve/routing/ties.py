@@ -24,9 +24,12 @@ def break_tie(tied: Sequence[EngineView], rng: random.Random) -> EngineView:
 
 
 def least_loaded(engines: Sequence[EngineView], rng: random.Random) -> EngineView:
-    """The engine with the least outstanding work per unit of capacity; ties as `break_tie`."""
+    """The engine with the least outstanding work per unit of capacity; ties as `break_tie`.
+    `normalized_load` is inlined: the simulator runs this for every request over every engine."""
     loads = [(engine.in_flight + engine.waiting) / engine.capacity for engine in engines]
     low = min(loads)
+    if loads.count(low) == 1:
+        return engines[loads.index(low)]
     return break_tie([engine for engine, load in zip(engines, loads, strict=True) if load == low], rng)
 
 
