@@ -33,3 +33,21 @@ def test_live_and_simulated_medians_agree(tmp_path: Path) -> None:
     ttft_error, tpot_error = run.errors()
     assert ttft_error <= 0.25, (run.live.ttft_ms, run.sim.ttft_ms)
     assert tpot_error <= 0.25, (run.live.tpot_ms, run.sim.tpot_ms)
+
+
+HETERO = TwinSettings(
+    requests=10,
+    rate=0.5,  # mostly one request at a time: the fleet is idle at most arrivals, so ties decide
+    time_scale=0.5,
+    output_tokens=(16, 24),
+    fleet=(("h100", "h100-80g", 1), ("l4", "l4", 2)),
+)
+
+
+def test_live_and_simulated_fleets_break_ties_the_same_way(tmp_path: Path) -> None:
+    """The decisions this project changed (ties to the fastest engine, prefix_aware's bounded load and its
+    choice for a new prefix) are taken alike by the gateway and by the twin on a mixed fleet."""
+    runs = check_twin(["least_request", "prefix_aware"], HETERO, tmp_path, progress=lambda line: None)
+    for run in runs:
+        assert run.live_shares == run.sim_shares, (run.live_shares, run.sim_shares)
+        assert run.live_shares["h100"] >= 7  # an idle fleet's requests go to its fastest engine
