@@ -575,12 +575,7 @@ class _ToolCall:
 
     def delta(self, arguments: str, *, first: bool) -> dict[str, Any]:
         if first:
-            return {
-                "index": 0,
-                "id": self.call_id,
-                "type": "function",
-                "function": {"name": self.name, "arguments": arguments},
-            }
+            return {"index": 0, **self.whole(arguments)}
         return {"index": 0, "function": {"arguments": arguments}}
 
     def whole(self, arguments: str) -> dict[str, Any]:
@@ -662,10 +657,8 @@ class _Stream:
                 chunks.append(self._chat_chunk({"role": "assistant", "content": ""}, None, 0))
             if self.tool is None:
                 delta: dict[str, Any] = {"content": text}
-            elif first:  # vLLM names the function in the first tool delta, then streams its arguments
-                delta = {"tool_calls": [self.tool.delta(text, first=True)]}
-            else:
-                delta = {"tool_calls": [self.tool.delta(text, first=False)]}
+            else:  # vLLM names the function in the first tool delta, then streams its arguments
+                delta = {"tool_calls": [self.tool.delta(text, first=first)]}
             chunks.append(self._chat_chunk(delta, finish_reason, tokens_so_far))
             return b"".join(chunks)
         chunk = openai.completion_chunk(

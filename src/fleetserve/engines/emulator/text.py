@@ -66,8 +66,7 @@ class Vocabulary:
     def for_tokenizer(cls, tokenizer: Tokenizer) -> Vocabulary:
         """The built-in words the tokenizer encodes as one token each; a small vocabulary that has too
         few of them lends its own space-prefixed word tokens."""
-        candidates = list(_WORDS)
-        single = [(word, ids[0]) for word in candidates if len(ids := tokenizer.encode(word)) == 1]
+        single = [(word, ids[0]) for word in _WORDS if len(ids := tokenizer.encode(word)) == 1]
         if len(single) < MIN_WORDS:
             known = {word for word, _ in single}
             single += [(w, tokenizer.encode(w)[0]) for w in tokenizer.word_tokens() if w not in known]
@@ -134,6 +133,7 @@ def words_until_stop(
     indices = PseudoText(seed, vocabulary.words).take_indices(plan.num_tokens)
     pieces = [vocabulary.words[index] for index in indices]
     stop_ids = set(stop_token_ids)
+    longest = max((len(stop) for stop in stops), default=0)
     text = ""
     for position, index in enumerate(indices):
         if vocabulary.ids[index] in stop_ids:
@@ -141,7 +141,7 @@ def words_until_stop(
         before = len(text)
         text += pieces[position]
         # a stop string may start in an earlier piece: look back as far as the longest one reaches
-        window = max(0, before - max((len(stop) for stop in stops), default=0) + 1)
+        window = max(0, before - longest + 1)
         for stop in stops:
             found = text.find(stop, window)
             if found >= 0:
