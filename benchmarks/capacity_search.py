@@ -8,7 +8,9 @@ The workload is the multi-tenant, multi-turn one the README uses, made with `fle
 with the baseline's (its `src/` put first on PYTHONPATH), alternating, `--repeats` times; the medians of
 the wall times, the capacities and the number of probes are printed and appended to docs/benchmarks.md.
 It also times single probes at 2x and 4x the capacity found, with and without stopping a probe once the
-target is out of reach (this checkout's `SimOptions.give_up_below`), in this process.
+target is out of reach (this checkout's `SimOptions.give_up_below`), in this process; and, when the
+shared data is there, a search that cannot succeed (the raw Mooncake conversation trace, half of whose
+prompts exceed llama-3-8b's context) with both checkouts, the baseline's cut off at `--unreachable-limit`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import cpu_model, record
+from common import cpu_model, record, shared_trace
 
 ROOT = Path(__file__).resolve().parent.parent
 FLEETSERVE = Path(sys.executable).with_name("fleetserve")
@@ -48,6 +50,32 @@ def search(trace: Path, policy: str, src: Path | None) -> tuple[float, dict]:
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed:\n{done.stderr}")
     return elapsed, json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def unreachable_row(baseline: Path, limit_s: float) -> list[str]:
+    """Wall time of the capacity search on the raw Mooncake trace, baseline (cut at `limit_s`) and this."""
+    trace = shared_trace("mooncake_conversation.jsonl")
+    if not trace.is_file():
+        return []
+    cells = []
+    for src in (baseline / "src", None):
+        env = dict(os.environ, **({"PYTHONPATH": str(src)} if src is not None else {}))
+        argv = [str(FLEETSERVE), "sim", "capacity", "-c", str(FLEET), "--trace", str(trace), "--quiet"]
+        started = time.perf_counter()
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=limit_s, check=False)
+        except subprocess.TimeoutExpired:
+            cells.append(f"over {limit_s:.0f} s (stopped)")
+            continue
+        elapsed = time.perf_counter() - started
+        outcome = "says no rate can meet it" if "at any rate" in done.stderr else f"exit {done.returncode}"
+        cells.append(f"{elapsed:.1f} s, {outcome}")
+    return [
+        "",
+        "| capacity search on the raw Mooncake trace (53.7% at best) | baseline | this checkout |",
+        "|---|---|---|",
+        f"| prefix_aware default policy, target 90% | {cells[0]} | {cells[1]} |",
+    ]
 
 
 def overload_rows(trace_path: Path, capacity_rps: float) -> list[str]:
@@ -80,6 +108,7 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, required=True, help="Checkout of the code to compare with.")
     parser.add_argument("--policies", default="least_request,prefix_aware")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--unreachable-limit", type=float, default=360.0, help="Seconds the baseline gets.")
     parser.add_argument("--no-append", action="store_true", help="Do not append to docs/benchmarks.md.")
     args = parser.parse_args()
     trace = Path(tempfile.mkdtemp(prefix="fleetserve-capacity-")) / "chat.jsonl"
@@ -116,6 +145,7 @@ def main() -> None:
         "|---|---|---|---|",
     ]
     rows += overload_rows(trace, results_capacity)
+    rows += unreachable_row(args.baseline, args.unreachable_limit)
     text = "\n".join(
         [
             f"## Capacity search speed ({datetime.date.today().isoformat()})",
