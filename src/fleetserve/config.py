@@ -10,7 +10,7 @@ import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -24,6 +24,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+if TYPE_CHECKING:
+    from fleetserve.pipeline import Stage
 
 EngineKind = Literal["emulated", "llamacpp", "vllm", "sglang", "external"]
 MetricsDialect = Literal["vllm", "sglang", "trtllm", "llamacpp", "none"]
@@ -89,6 +92,12 @@ class EngineGroup(_Strict):
         " started that way; an external engine must be.",
     )
     engine_args: EngineArgs = Field(default_factory=EngineArgs, description="Engine-side knobs.")
+    cold_start_s: float | None = Field(
+        None,
+        ge=0,
+        description="Simulator: seconds an engine of this group takes from start to serving. Unset: the"
+        " engine model's estimate (weights / the GPU's weight_load_gbps + a fixed engine start time).",
+    )
     tokenizer: str | None = Field(
         None,
         min_length=1,
@@ -163,6 +172,18 @@ class RouterConfig(_Strict):
         return self
 
 
+class StageConfig(_Strict):
+    stage: str = Field(description="Pipeline stage name, e.g. priority (see docs/architecture.md).")
+    params: dict[str, Any] = Field(default_factory=dict, description="The stage's parameters.")
+
+    @model_validator(mode="after")
+    def _known_stage(self) -> StageConfig:
+        from fleetserve.pipeline import make_stage  # the pipeline room imports no configuration: no cycle
+
+        make_stage(self.stage, self.params)  # names an unknown stage, a bad parameter or value
+        return self
+
+
 class SLOConfig(_Strict):
     ttft_ms: float = Field(1000.0, gt=0, description="Time-to-first-token objective.")
     tpot_ms: float = Field(100.0, gt=0, description="Time-per-output-token objective.")
@@ -225,6 +246,11 @@ class GatewayConfig(_Strict):
     total_timeout_s: float = Field(600.0, gt=0, description="Upstream total time per request.")
     scrape_interval_s: float = Field(0.2, gt=0, description="Engine /metrics scrape period.")
     health_interval_s: float = Field(1.0, gt=0, description="Active health-check period.")
+    drain_timeout_s: float = Field(
+        300.0,
+        ge=0,
+        description="A drained engine is stopped once its requests finish, or after this many seconds.",
+    )
     eject_after_failures: int = Field(3, ge=1, description="Consecutive failures before ejection.")
     eject_duration_s: float = Field(5.0, gt=0, description="Time an ejected engine waits for a probe.")
 
@@ -293,6 +319,9 @@ class EmulatorConfig(_Strict):
 class FleetConfig(_Strict):
     engines: list[EngineGroup] = Field(description="The engines of the fleet.")
     router: RouterConfig = Field(default_factory=RouterConfig)
+    pipeline: list[StageConfig] = Field(
+        default_factory=list, description="Stages between admission and routing, run in this order."
+    )
     slo: SLOConfig = Field(default_factory=SLOConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     emulator: EmulatorConfig = Field(default_factory=EmulatorConfig)
@@ -312,6 +341,12 @@ class FleetConfig(_Strict):
                     f" model {group.model!r}; engines of one model share one tokenizer"
                 )
         return engines
+
+    def stages(self) -> list[Stage]:
+        """Fresh objects for the `pipeline:` stages (each gateway and each simulation owns its own)."""
+        from fleetserve.pipeline import make_pipeline
+
+        return make_pipeline((entry.stage, entry.params) for entry in self.pipeline)
 
     def model_tokenizers(self) -> dict[str, str]:
         """model -> the tokenizer.json the fleet file names for it (on any of its lines)."""
@@ -351,6 +386,39 @@ class FleetConfig(_Strict):
         return out
 
 
+class EngineDescription(_Strict):
+    """One engine as the gateway registers it: a replica of a fleet file's line, or the body of the
+    admin API's `POST /engines`. The one declaration of an engine's fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(min_length=1, description="Engine id, unique in the fleet.")
+    url: str = Field(pattern=r"^https?://", description="Base URL, e.g. http://10.0.0.5:8000")
+    model: str = Field(min_length=1, description="Model name as clients request it.")
+    gpu: str | None = Field(None, description="GPU catalog name: gives the engine its relative capacity.")
+    tp: int = Field(1, ge=1, description="Tensor-parallel degree.")
+    dialect: MetricsDialect = Field("vllm", description="Which metric names the engine exposes.")
+    adapters: tuple[str, ...] = Field((), description="LoRA adapters it serves from the start.")
+    block_size: int = Field(16, ge=1, description="KV-cache block size, until the engine reports its own.")
+    max_loras: int = Field(0, ge=0, description="LoRA slots, until the engine reports its own.")
+    time_scale: float = Field(1.0, gt=0, description="An emulated engine's --time-scale.")
+    forward_auth: bool = Field(
+        False, description="Forward clients' Authorization headers to this engine (off: they stay here)."
+    )
+    kv_events_endpoint: str | None = Field(
+        None, pattern=r"^tcp://", description="ZMQ endpoint the engine publishes KV events on."
+    )
+    kv_replay_endpoint: str | None = Field(
+        None, pattern=r"^tcp://", description="The engine's KV-event replay (ROUTER) endpoint."
+    )
+    group: str | None = Field(None, description="The fleet file's engine group it belongs to, if any.")
+
+    @field_validator("url")
+    @classmethod
+    def _no_trailing_slash(cls, url: str) -> str:
+        return url.rstrip("/")
+
+
 @dataclass(frozen=True)
 class EngineInstance:
     """One engine replica: the group it came from, and where it listens."""
@@ -359,6 +427,27 @@ class EngineInstance:
     group: EngineGroup
     port: int | None
     url: str
+
+    def description(self) -> EngineDescription:
+        """How the gateway registers this replica."""
+        group = self.group
+        endpoints = self.kv_event_endpoints()
+        return EngineDescription(
+            id=self.engine_id,
+            url=self.url,
+            model=group.model,
+            gpu=group.gpu,
+            tp=group.tp,
+            dialect=group.dialect,
+            adapters=tuple(group.adapters),
+            block_size=group.engine_args.block_size,
+            max_loras=group.engine_args.max_loras,
+            time_scale=group.time_scale if group.kind == "emulated" else 1.0,
+            forward_auth=group.forward_auth,
+            kv_events_endpoint=None if endpoints is None else endpoints[0],
+            kv_replay_endpoint=None if endpoints is None else endpoints[1],
+            group=group.name,
+        )
 
     def kv_event_endpoints(self) -> tuple[str, str] | None:
         """The ZMQ publish and replay endpoints a subscriber connects to, when the engine publishes KV

@@ -1,4 +1,5 @@
-from fleetserve.fleet.health import EngineHealth, HealthState, parse_model_list
+from fleetserve.fleet.health import parse_model_list
+from fleetserve.fleet.state import EngineHealth, HealthState
 
 
 def fresh(after: int = 3, duration: float = 5.0) -> EngineHealth:

@@ -1,13 +1,14 @@
 import pytest
 
-from fleetserve.fleet.health import EngineHealth
-from fleetserve.fleet.registry import EngineRegistry, EngineState, ModelEntry
-from fleetserve.fleet.scrape import EngineMetrics
+from fleetserve.config import EngineDescription
+from fleetserve.fleet.registry import EngineRegistry
+from fleetserve.fleet.state import EngineHealth, EngineMetrics, EngineState, ModelEntry
 from fleetserve.fleet.view import ViewBuilder
 
 
 def engine(engine_id: str, gpu: str | None = None, model: str = "llama-3-8b", **kw: object) -> EngineState:
-    return EngineState(engine_id, f"http://e/{engine_id}", model, EngineHealth(3, 5.0), gpu=gpu, **kw)
+    spec = EngineDescription(id=engine_id, url=f"http://e/{engine_id}", model=model, gpu=gpu, **kw)
+    return EngineState(spec, EngineHealth(3, 5.0))
 
 
 def test_health_changes_never_touch_in_flight_counts() -> None:
@@ -15,14 +16,14 @@ def test_health_changes_never_touch_in_flight_counts() -> None:
     state = engine("a")
     registry.add(state)
     for _ in range(3):
-        EngineRegistry.dispatched(state)
+        state.view.in_flight += 1  # as the request path counts a dispatch
     state.health.probe_succeeded(0.0)
     for t in range(5):
         state.health.request_failed(float(t))
     state.health.tick(100.0)
     state.health.probe_succeeded(100.0)
     assert state.in_flight == 3
-    EngineRegistry.finished(state)
+    state.view.in_flight -= 1
     assert state.in_flight == 2
 
 
@@ -48,7 +49,7 @@ def test_capacity_comes_from_the_cost_model_relative_to_the_slowest() -> None:
 
 def test_view_carries_health_metrics_adapters_and_exclusions() -> None:
     registry = EngineRegistry()
-    ready = engine("ready", configured_adapters=frozenset({"cfg"}))
+    ready = engine("ready", adapters=("cfg",))
     ready.health.probe_succeeded(0.0)
     ready.models = (ModelEntry("llama-3-8b", None, {}), ModelEntry("found", "llama-3-8b", {}))
     ready.metrics = EngineMetrics(running=2, waiting=1, kv_usage=0.4, num_gpu_blocks=100, block_size=32)

@@ -1,6 +1,7 @@
 import pytest
 
-from fleetserve.fleet.scrape import DIALECTS, parse_metrics
+from fleetserve.fleet.scrape import parse_metrics
+from fleetserve.fleet.state import DIALECTS
 
 VLLM_NEW = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.

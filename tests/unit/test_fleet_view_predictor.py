@@ -2,9 +2,9 @@
 
 import pytest
 
-from fleetserve.fleet.health import EngineHealth
-from fleetserve.fleet.registry import EngineRegistry, EngineState
-from fleetserve.fleet.scrape import EngineMetrics
+from fleetserve.config import EngineDescription
+from fleetserve.fleet.registry import EngineRegistry
+from fleetserve.fleet.state import EngineHealth, EngineMetrics, EngineState
 from fleetserve.fleet.view import TYPICAL_QUEUED_PROMPT_TOKENS, ViewBuilder
 from fleetserve.model.catalog import default_catalog
 from fleetserve.model.cost import CostModel
@@ -13,9 +13,11 @@ from fleetserve.routing import EngineView
 
 def view_of(gpu: str | None, *, in_flight: int = 0, running: int = 0, waiting: int = 0) -> EngineView:
     registry = EngineRegistry()
-    state = EngineState("e", "http://e", "llama-3-8b", EngineHealth(3, 5.0), gpu=gpu)
+    state = EngineState(
+        EngineDescription(id="e", url="http://e", model="llama-3-8b", gpu=gpu), EngineHealth(3, 5.0)
+    )
     state.metrics = EngineMetrics(running=running, waiting=waiting)
-    state.in_flight = in_flight
+    state.view.in_flight = in_flight
     registry.add(state)
     return ViewBuilder(registry).build().engines["e"]
 

@@ -48,7 +48,7 @@ def test_admin_token_file_is_read_relative_to_the_fleet_file(tmp_path: Path) -> 
 def test_fleet_file_engines_forward_auth_unless_told_not_to() -> None:
     config = parse_fleet(ENGINES)
     assert config.engines[0].forward_auth is True
-    assert Gateway(config).registry.get("e").forward_auth is True  # type: ignore[union-attr]
+    assert Gateway(config).registry.get("e").spec.forward_auth is True  # type: ignore[union-attr]
     assert (
         parse_fleet(ENGINES.replace("model: m", "model: m, forward_auth: false")).engines[0].forward_auth
         is False

@@ -50,7 +50,7 @@ from fleetserve.cli.serve import (
 )
 from fleetserve.config import ConfigError, EngineGroup, FleetConfig, load_fleet, parse_fleet
 from fleetserve.engines.smollm2 import SMOLLM2_ALIAS
-from fleetserve.fleet.registry import EngineState
+from fleetserve.fleet.state import EngineState
 from fleetserve.gateway.app import Gateway
 from fleetserve.gateway.server import run_gateway
 from fleetserve.model.catalog import UnknownEntry, default_catalog
@@ -426,7 +426,7 @@ class FleetWatch:
             metrics = engine.metrics
             table.add_row(
                 engine.engine_id,
-                engine.gpu or "cpu",
+                engine.spec.gpu or "cpu",
                 str(engine.in_flight),
                 _or_dash(metrics.running if metrics else None),
                 _or_dash(metrics.waiting if metrics else None),
@@ -512,7 +512,7 @@ async def engine_rows(gateway: Gateway, watch: FleetWatch) -> list[EngineRow]:
         rows.append(
             EngineRow(
                 engine_id=engine.engine_id,
-                gpu=engine.gpu or "cpu",
+                gpu=engine.spec.gpu or "cpu",
                 requests=ok,
                 errors=errors,
                 output_tokens=samples.get("vllm:generation_tokens_total"),
@@ -545,7 +545,7 @@ def gateway_requests_by_engine(gateway: Gateway) -> dict[str, tuple[int, int]]:
 async def scrape_engine(session: aiohttp.ClientSession, engine: EngineState) -> dict[str, float]:
     """The engine's vLLM metrics as {sample name with its `le` label for buckets: value}; empty for
     engines that expose none (llama-cpp-python) or do not answer."""
-    if engine.dialect != "vllm":
+    if engine.spec.dialect != "vllm":
         return {}
     try:
         async with session.get(engine.url + "/metrics") as response:

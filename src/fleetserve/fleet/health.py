@@ -1,108 +1,21 @@
-"""Engine health: a small state machine driven by probe and request outcomes, plus the probing loop.
-
-    STARTING --probe ok--> HEALTHY --N consecutive failures--> EJECTED --eject time over--> HALF_OPEN
-    HALF_OPEN --probe ok--> HEALTHY        HALF_OPEN --probe fails--> EJECTED (for twice as long, capped)
-
-An engine gets traffic only when HEALTHY: a starting engine waits for its first good probe, and a
-half-open engine must answer a probe before real requests go back to it. Probe failures and request
-failures are counted separately, so a /health endpoint that answers while completions hang cannot keep
-resetting the request failures that should eject the engine. Nothing here touches in-flight counters.
-"""
+"""The probing loop that drives each engine's health state machine (`fleet/state.py`'s `EngineHealth`,
+where the states and transitions are described)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Literal
 
 import aiohttp
 import orjson
 
-from fleetserve.fleet.registry import EngineRegistry, EngineState, ModelEntry
+from fleetserve.fleet.registry import EngineRegistry
+from fleetserve.fleet.state import EngineState, ModelEntry
 
 log = logging.getLogger(__name__)
-
-MAX_EJECT_MULTIPLIER = 8
-
-
-class HealthState(enum.Enum):
-    STARTING = "starting"
-    HEALTHY = "healthy"
-    EJECTED = "ejected"
-    HALF_OPEN = "half_open"
-
-
-@dataclass
-class EngineHealth:
-    """Pure state: every transition takes `now` from the caller."""
-
-    eject_after_failures: int
-    eject_duration_s: float
-    state: HealthState = HealthState.STARTING
-    probe_failures: int = 0
-    request_failures: int = 0
-    ejections: int = 0
-    ejected_until: float = 0.0
-
-    @property
-    def routable(self) -> bool:
-        return self.state is HealthState.HEALTHY
-
-    @property
-    def ready(self) -> bool:
-        """Has answered a probe at least once since it was added."""
-        return self.state is not HealthState.STARTING
-
-    def tick(self, now: float) -> None:
-        if self.state is HealthState.EJECTED and now >= self.ejected_until:
-            self.state = HealthState.HALF_OPEN
-
-    def probe_succeeded(self, now: float) -> None:
-        self.tick(now)
-        self.probe_failures = 0
-        if self.state in (HealthState.STARTING, HealthState.HALF_OPEN):
-            self.state = HealthState.HEALTHY
-            self.request_failures = 0
-
-    def probe_failed(self, now: float) -> None:
-        self.tick(now)
-        if self.state is HealthState.STARTING:
-            return  # still loading; not a fault
-        if self.state is HealthState.HALF_OPEN:
-            self._eject(now)
-            return
-        self.probe_failures += 1
-        if self.state is HealthState.HEALTHY and self.probe_failures >= self.eject_after_failures:
-            self._eject(now)
-
-    def request_succeeded(self, now: float) -> None:
-        self.request_failures = 0
-        if self.state is HealthState.HEALTHY:
-            self.ejections = 0
-
-    def request_failed(self, now: float) -> None:
-        self.tick(now)
-        self.request_failures += 1
-        if self.state is HealthState.HEALTHY and self.request_failures >= self.eject_after_failures:
-            self._eject(now)
-
-    def unreachable(self, now: float) -> None:
-        """Nothing accepts connections at the engine's address: it is down, not slow. Eject at once
-        (a starting engine is still loading, which is no fault)."""
-        self.tick(now)
-        if self.state in (HealthState.HEALTHY, HealthState.HALF_OPEN):
-            self._eject(now)
-
-    def _eject(self, now: float) -> None:
-        self.ejections += 1
-        multiplier = min(2 ** (self.ejections - 1), MAX_EJECT_MULTIPLIER)
-        self.state = HealthState.EJECTED
-        self.ejected_until = now + self.eject_duration_s * multiplier
-        self.probe_failures = self.request_failures = 0
 
 
 class HealthChecker:

@@ -15,77 +15,10 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from fleetserve.fleet.registry import EngineRegistry, EngineState
+from fleetserve.fleet.registry import EngineRegistry
+from fleetserve.fleet.state import DIALECTS, Dialect, EngineMetrics, EngineState
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class EngineMetrics:
-    """What an engine last reported. Fields an engine does not expose stay None."""
-
-    running: int | None = None
-    waiting: int | None = None
-    kv_usage: float | None = None  # 0..1
-    num_gpu_blocks: int | None = None
-    block_size: int | None = None
-    prefix_cache_queries: float | None = None  # tokens, cumulative
-    prefix_cache_hits: float | None = None
-    running_adapters: frozenset[str] = frozenset()
-    waiting_adapters: frozenset[str] = frozenset()
-    max_loras: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Dialect:
-    """Metric names of one engine family. Each field lists accepted names, newest first."""
-
-    running: tuple[str, ...] = ()
-    waiting: tuple[str, ...] = ()
-    kv_usage: tuple[str, ...] = ()
-    prefix_cache_queries: tuple[str, ...] = ()
-    prefix_cache_hits: tuple[str, ...] = ()
-    cache_config_info: str | None = None  # labels block_size, num_gpu_blocks
-    lora_info: str | None = None  # labels running_lora_adapters, waiting_lora_adapters, max_lora
-
-    def wanted(self) -> frozenset[str]:
-        names = [
-            *self.running,
-            *self.waiting,
-            *self.kv_usage,
-            *self.prefix_cache_queries,
-            *self.prefix_cache_hits,
-        ]
-        names += [name for name in (self.cache_config_info, self.lora_info) if name]
-        return frozenset(names)
-
-
-DIALECTS: dict[str, Dialect] = {
-    "vllm": Dialect(
-        running=("vllm:num_requests_running",),
-        waiting=("vllm:num_requests_waiting",),
-        kv_usage=("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
-        prefix_cache_queries=("vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries_total"),
-        prefix_cache_hits=("vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total"),
-        cache_config_info="vllm:cache_config_info",
-        lora_info="vllm:lora_requests_info",
-    ),
-    "sglang": Dialect(
-        running=("sglang:num_running_reqs",),
-        waiting=("sglang:num_queue_reqs",),
-        kv_usage=("sglang:token_usage",),
-    ),
-    "trtllm": Dialect(
-        running=("trtllm_num_requests_running",),
-        waiting=("trtllm_num_requests_waiting",),
-        kv_usage=("trtllm_kv_cache_utilization",),
-    ),
-    "llamacpp": Dialect(
-        running=("llamacpp:requests_processing",),
-        waiting=("llamacpp:requests_deferred",),
-        kv_usage=("llamacpp:kv_cache_usage_ratio",),
-    ),
-}
 
 
 @dataclass(slots=True)
@@ -239,7 +172,7 @@ class MetricsScraper:
 
     async def run(self) -> None:
         while True:
-            engines = [e for e in self._registry.engines() if e.dialect in DIALECTS]
+            engines = [e for e in self._registry.engines() if e.spec.dialect in DIALECTS]
             if engines:
                 await asyncio.gather(*(self.scrape(engine) for engine in engines))
             await asyncio.sleep(self._interval_s)
@@ -249,7 +182,7 @@ class MetricsScraper:
         try:
             async with self._session.get(engine.url + "/metrics", timeout=self._timeout) as response:
                 if response.status == 200:
-                    engine.metrics = parse_metrics(await response.text(), DIALECTS[engine.dialect])
+                    engine.metrics = parse_metrics(await response.text(), DIALECTS[engine.spec.dialect])
                     ok = True
         except (aiohttp.ClientError, TimeoutError, UnicodeDecodeError) as exc:
             log.debug("scrape of %s failed: %r", engine.engine_id, exc)

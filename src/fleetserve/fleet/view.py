@@ -1,8 +1,8 @@
 """Routing snapshots (`FleetView`) of the live registry.
 
-Capacity comes from the engine model: `CostModel.capacity_tokens_per_s` for the engine's GPU, model and
-TP degree, divided by the smallest such figure among engines of the same model, so the slowest known
-engine of a model has capacity 1.0. Engines whose GPU or model the catalog does not know get 1.0.
+Each engine's `EngineView` lives as long as the engine (the request path counts in-flight requests on
+it); `build` refreshes the rest of it from health, scrapes and the catalog before a decision. Relative
+capacity comes from `fleetserve.model.capacity`, as in the simulator.
 
 Engines the catalog knows also get a `predictor` (prompt_len, cached_tokens) -> TTFT seconds, which
 SLO-aware policies compare with the request's TTFT objective. The live gateway cannot see inside an
@@ -23,8 +23,10 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from fleetserve.fleet.registry import EngineRegistry, EngineState
-from fleetserve.model.catalog import Catalog, UnknownEntry, default_catalog
+from fleetserve.fleet.registry import EngineRegistry
+from fleetserve.fleet.state import EngineState
+from fleetserve.model.capacity import engine_cost, relative_capacities
+from fleetserve.model.catalog import Catalog, default_catalog
 from fleetserve.model.cost import CostModel
 from fleetserve.routing import EngineView, FleetView
 from fleetserve.routing.prefix_index import PrefixIndex
@@ -32,22 +34,6 @@ from fleetserve.routing.prefix_index import PrefixIndex
 # The prompt length a request queued ahead is assumed to have: the demo and Azure conversation traces
 # average 1-2k tokens, and vLLM's default chunk is larger, so one such prompt is about one iteration.
 TYPICAL_QUEUED_PROMPT_TOKENS = 1024
-
-
-def cost_model(gpu: str | None, model: str, tp: int, catalog: Catalog) -> CostModel | None:
-    """The engine model's cost model of this engine, or None when the catalog lacks its GPU or model."""
-    if gpu is None:
-        return None
-    try:
-        return CostModel(catalog.gpu(gpu), catalog.model(model), tp=tp)
-    except (UnknownEntry, ValueError):  # ValueError: a TP degree the model's heads do not divide
-        return None
-
-
-def absolute_capacity(gpu: str | None, model: str, tp: int, catalog: Catalog) -> float | None:
-    """Reference tokens/s of this engine, or None when the catalog lacks its GPU or model."""
-    cost = cost_model(gpu, model, tp, catalog)
-    return None if cost is None else cost.capacity_tokens_per_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,52 +81,50 @@ class ViewBuilder:
         )
 
     def engine_view(self, engine: EngineState) -> EngineView:
+        """The engine's view, refreshed from what the gateway knows now (in place: the request path
+        counts in-flight requests on the same object)."""
         metrics = engine.metrics
+        spec = engine.spec
+        view = engine.view
         running = (metrics.running or 0) if metrics else 0
         waiting = (metrics.waiting or 0) if metrics else 0
         known = self._model_of(engine)
         predictor = None
         if known is not None:
             queued_ahead = max(waiting, engine.in_flight - running, 0)
-            predictor = TTFTEstimate(known.cost, known.typical_prefill_s, queued_ahead, engine.time_scale)
-        return EngineView(
-            engine_id=engine.engine_id,
-            model=engine.model,
-            gpu=engine.gpu,
-            tp=engine.tp,
-            adapters=engine.adapters,
-            healthy=engine.health.routable,
-            ready=engine.health.ready,
-            in_flight=engine.in_flight,
-            running=running,
-            waiting=waiting,
-            kv_usage=(metrics.kv_usage or 0.0) if metrics else 0.0,
-            capacity=engine.capacity,
-            max_loras=(metrics.max_loras if metrics and metrics.max_loras is not None else engine.max_loras),
-            num_gpu_blocks=(metrics.num_gpu_blocks or 0) if metrics else 0,
-            block_size=(metrics.block_size if metrics and metrics.block_size else engine.block_size),
-            predictor=predictor,
-        )
+            predictor = TTFTEstimate(known.cost, known.typical_prefill_s, queued_ahead, spec.time_scale)
+        view.adapters = engine.adapters
+        view.healthy = engine.health.routable
+        view.ready = engine.health.ready and not engine.draining
+        view.running = running
+        view.waiting = waiting
+        view.kv_usage = (metrics.kv_usage or 0.0) if metrics else 0.0
+        view.capacity = engine.capacity
+        view.max_loras = metrics.max_loras if metrics and metrics.max_loras is not None else spec.max_loras
+        view.num_gpu_blocks = (metrics.num_gpu_blocks or 0) if metrics else 0
+        view.block_size = metrics.block_size if metrics and metrics.block_size else spec.block_size
+        view.predictor = predictor
+        return view
 
     def refresh_capacities(self) -> None:
         """Recompute relative capacities when engines come or go (the smallest of a model may change)."""
         if self._relative_version == self._registry.version:
             return
         engines = self._registry.engines()
-        smallest: dict[str, float] = {}
+        absolute = {}
         for engine in engines:
             known = self._model_of(engine)
-            if known is not None:
-                smallest[engine.model] = min(known.capacity, smallest.get(engine.model, known.capacity))
+            absolute[engine.engine_id] = (engine.model, None if known is None else known.capacity)
+        capacities = relative_capacities(absolute)
         for engine in engines:
-            known = self._model_of(engine)
-            engine.capacity = 1.0 if known is None else known.capacity / smallest[engine.model]
+            engine.capacity = capacities[engine.engine_id]
         self._relative_version = self._registry.version
 
     def _model_of(self, engine: EngineState) -> _EngineModel | None:
-        key = (engine.gpu, engine.model, engine.tp)
+        spec = engine.spec
+        key = (spec.gpu, spec.model, spec.tp)
         if key not in self._models:
-            cost = cost_model(engine.gpu, engine.model, engine.tp, self._catalog)
+            cost = engine_cost(spec.gpu, spec.model, spec.tp, self._catalog)
             self._models[key] = (
                 None
                 if cost is None

@@ -10,7 +10,7 @@ import hmac
 import logging
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -18,48 +18,28 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from fleetserve.config import MetricsDialect
-from fleetserve.fleet.registry import EngineState
+from fleetserve.config import EngineDescription
+from fleetserve.fleet.state import EngineState
 from fleetserve.gateway.app import Gateway
 from fleetserve.protocol.errors import error_body
 
 log = logging.getLogger(__name__)
 
 
-class NewEngine(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    id: str = Field(min_length=1, description="Engine id, unique in the fleet.")
-    url: str = Field(pattern=r"^https?://", description="Base URL, e.g. http://10.0.0.5:8000")
-    model: str = Field(min_length=1, description="Model name as clients request it.")
-    gpu: str | None = None
-    tp: int = Field(1, ge=1)
-    dialect: MetricsDialect = "vllm"
-    adapters: list[str] = Field(default_factory=list)
-    block_size: int = Field(16, ge=1)
-    max_loras: int = Field(0, ge=0)
-    forward_auth: bool = Field(
-        False, description="Forward clients' Authorization headers to this engine (off: they stay here)."
-    )
-    kv_events_endpoint: str | None = Field(
-        None, pattern=r"^tcp://", description="ZMQ endpoint the engine publishes KV events on."
-    )
-    kv_replay_endpoint: str | None = Field(
-        None, pattern=r"^tcp://", description="The engine's KV-event replay (ROUTER) endpoint."
-    )
-
-
 def describe(engine: EngineState) -> dict[str, Any]:
     metrics = engine.metrics
+    spec = engine.spec
     return {
         "id": engine.engine_id,
         "url": engine.url,
         "model": engine.model,
-        "gpu": engine.gpu,
-        "tp": engine.tp,
-        "dialect": engine.dialect,
-        "forward_auth": engine.forward_auth,
+        "gpu": spec.gpu,
+        "tp": spec.tp,
+        "dialect": spec.dialect,
+        "forward_auth": spec.forward_auth,
+        "group": spec.group,
         "adapters": sorted(engine.adapters),
+        "draining": engine.draining,
         "state": engine.health.state.value,
         "in_flight": engine.in_flight,
         "capacity": engine.capacity,
@@ -78,29 +58,12 @@ def admin_app(gateway: Gateway, token: str | None = None) -> Starlette:
 
     async def add_engine(request: Request) -> Response:
         try:
-            spec = NewEngine.model_validate_json(await request.body())
+            spec = EngineDescription.model_validate_json(await request.body())
         except ValidationError as exc:
             return JSONResponse(error_body(400, _first_error(exc)), status_code=400)
         if spec.id in gateway.registry:
             return JSONResponse(error_body(409, f"engine {spec.id!r} already exists"), status_code=409)
-        engine = gateway.add_engine(
-            spec.id,
-            spec.url,
-            spec.model,
-            gpu=spec.gpu,
-            tp=spec.tp,
-            dialect=spec.dialect,
-            adapters=spec.adapters,
-            block_size=spec.block_size,
-            max_loras=spec.max_loras,
-            forward_auth=spec.forward_auth,
-            kv_events=(
-                (spec.kv_events_endpoint, spec.kv_replay_endpoint)
-                if spec.kv_events_endpoint is not None
-                else None
-            ),
-        )
-        return JSONResponse(describe(engine), status_code=201)
+        return JSONResponse(describe(gateway.add_engine(spec)), status_code=201)
 
     async def remove_engine(request: Request) -> Response:
         engine_id = request.path_params["engine_id"]

@@ -12,16 +12,17 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Coroutine, Iterable
+from collections.abc import Coroutine
 from typing import Any
 
 import aiohttp
 
-from fleetserve.config import FleetConfig, MetricsDialect
-from fleetserve.fleet.health import EngineHealth, HealthChecker
+from fleetserve.config import EngineDescription, FleetConfig
+from fleetserve.fleet.health import HealthChecker
 from fleetserve.fleet.kv_events import KVEventHub
-from fleetserve.fleet.registry import EngineRegistry, EngineState
+from fleetserve.fleet.registry import EngineRegistry
 from fleetserve.fleet.scrape import MetricsScraper
+from fleetserve.fleet.state import EngineHealth, EngineState
 from fleetserve.fleet.view import ViewBuilder
 from fleetserve.gateway.asgi import Receive, Scope, Send, send_bytes, send_error, send_json
 from fleetserve.gateway.dispatch import Dispatcher, ModelIndex
@@ -58,7 +59,9 @@ class Gateway:
         self.metrics = GatewayMetrics(self.registry, lambda: self.kv_events)
         self.models = ModelIndex(self.registry, time.time)
         self.views = ViewBuilder(self.registry, catalog)
-        self.dispatcher = Dispatcher(router, self.registry, self.views, self.metrics, seed)
+        self.dispatcher = Dispatcher(
+            router, self.registry, self.views, self.metrics, seed, stages=config.stages(), slo=config.slo
+        )
         self.proxy = Proxy(
             config.gateway,
             self.dispatcher,
@@ -66,7 +69,6 @@ class Gateway:
             self.metrics,
             self.session,
             router.debug_header,
-            slo=config.slo,
             tokenizer=PromptTokenizer(catalog or default_catalog(), config.model_tokenizers()),
         )
         self._session: aiohttp.ClientSession | None = None
@@ -78,65 +80,26 @@ class Gateway:
         # policies read the fleet's precise prefix index instead of learning their own
         self._kv_endpoints: dict[str, tuple[str, str | None]] = {}
         for instance in config.instances():
-            group = instance.group
-            self.add_engine(
-                instance.engine_id,
-                instance.url,
-                group.model,
-                gpu=group.gpu,
-                tp=group.tp,
-                dialect=group.dialect,
-                adapters=group.adapters,
-                block_size=group.engine_args.block_size,
-                max_loras=group.engine_args.max_loras,
-                kv_events=instance.kv_event_endpoints(),
-                time_scale=group.time_scale if group.kind == "emulated" else 1.0,
-                forward_auth=group.forward_auth,
-            )
+            self.add_engine(instance.description())
 
     # -- engines ---------------------------------------------------------------------------------
 
-    def add_engine(
-        self,
-        engine_id: str,
-        url: str,
-        model: str,
-        *,
-        gpu: str | None = None,
-        tp: int = 1,
-        dialect: MetricsDialect = "vllm",
-        adapters: Iterable[str] = (),
-        block_size: int = 16,
-        max_loras: int = 0,
-        kv_events: tuple[str, str | None] | None = None,
-        time_scale: float = 1.0,
-        forward_auth: bool = False,
-    ) -> EngineState:
-        """Register an engine; it takes traffic once a health probe finds it ready. `kv_events` are the
-        ZMQ publish and replay endpoints of an engine that publishes KV events; `forward_auth` lets
-        clients' Authorization headers through to it (off by default: an engine added at run time is a URL
-        someone gave the admin API, and client keys are not theirs to see)."""
+    def add_engine(self, description: EngineDescription) -> EngineState:
+        """Register an engine; it takes traffic once a health probe finds it ready. An engine that
+        publishes KV events is followed for the fleet's precise prefix index. Its `forward_auth` lets
+        clients' Authorization headers through to it (off by default: an engine added at run time is a
+        URL someone gave the admin API, and client keys are not theirs to see)."""
         settings = self.config.gateway
         engine = EngineState(
-            engine_id=engine_id,
-            url=url.rstrip("/"),
-            model=model,
-            health=EngineHealth(settings.eject_after_failures, settings.eject_duration_s),
-            gpu=gpu,
-            tp=tp,
-            dialect=dialect,
-            configured_adapters=frozenset(adapters),
-            block_size=block_size,
-            max_loras=max_loras,
-            time_scale=time_scale,
-            forward_auth=forward_auth,
+            description, EngineHealth(settings.eject_after_failures, settings.eject_duration_s)
         )
         self.registry.add(engine)
         self.views.refresh_capacities()
-        if kv_events is not None:
-            self._kv_endpoints[engine_id] = kv_events
+        if description.kv_events_endpoint is not None:
+            endpoints = (description.kv_events_endpoint, description.kv_replay_endpoint)
+            self._kv_endpoints[description.id] = endpoints
             if self._session is not None:  # started: follow it now, else start() will
-                self._background(self._follow(engine_id, kv_events))
+                self._background(self._follow(description.id, endpoints))
         if self._health is not None:
             self._health.wake()
         return engine

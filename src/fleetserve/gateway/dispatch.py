@@ -1,18 +1,22 @@
-"""From a parsed request to an engine: which base model and adapter it names, which policy decides, and
-the bookkeeping around a decision (in-flight counts, policy hooks, decision metrics)."""
+"""From a parsed request to an engine: which base model and adapter it names, and the gateway's side of
+the request path (the policy a request gets, the live view, decision metrics, held requests)."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
-from fleetserve.config import RouterConfig
-from fleetserve.fleet.registry import EngineRegistry, EngineState
+from fleetserve.config import RouterConfig, SLOConfig
+from fleetserve.errors import InputError, InternalError
+from fleetserve.fleet.registry import EngineRegistry
+from fleetserve.fleet.state import EngineState
 from fleetserve.fleet.view import ViewBuilder
 from fleetserve.gateway.metrics import GatewayMetrics
+from fleetserve.pipeline import Answer, Hold, Proceed, Refuse, Refused, RequestPath, RequestSession, Stage
 from fleetserve.protocol.errors import APIError
-from fleetserve.routing import Decision, NoEngineAvailable, Policy, RejectRequest, RequestInfo, make_policy
+from fleetserve.routing import Decision, Policy, make_policy
 
 
 class ModelIndex:
@@ -67,6 +71,9 @@ def _add_entries(entries: dict[str, dict[str, Any]], engine: EngineState, create
 
 
 class Dispatcher:
+    """The gateway's side of the request path (`fleetserve.pipeline`): which policy a request gets, the
+    live view a decision is made on, decision metrics, and waking requests a stage holds."""
+
     def __init__(
         self,
         router: RouterConfig,
@@ -74,6 +81,9 @@ class Dispatcher:
         views: ViewBuilder,
         metrics: GatewayMetrics,
         seed: int | None = None,
+        *,
+        stages: Sequence[Stage] = (),
+        slo: SLOConfig | None = None,
     ) -> None:
         self._router = router
         self._registry = registry
@@ -82,7 +92,14 @@ class Dispatcher:
         self._seed = seed
         self.default_policy = make_policy(router.policy, router.params, seed)
         self._policies: dict[str, Policy] = {router.policy: self.default_policy}
+        self.path = RequestPath(
+            self.default_policy,
+            stages,
+            ttft_slo_ms=slo.ttft_ms if slo else None,
+            tpot_slo_ms=slo.tpot_ms if slo else None,
+        )
         self._request_ids = itertools.count()
+        self._wakeups: dict[str, asyncio.Future[None]] = {}  # held request id -> resolved on release
 
     def next_request_id(self) -> str:
         return f"fs-{next(self._request_ids)}"
@@ -96,24 +113,48 @@ class Dispatcher:
         if policy is None:
             try:
                 policy = make_policy(name, {}, self._seed)
-            except ValueError as exc:
+            except InputError as exc:
                 raise APIError(400, str(exc), param="x-fleetserve-policy") from None
             self._policies[name] = policy
         return policy
 
+    async def admit(self, session: RequestSession, now: Callable[[], float]) -> Answer | None:
+        """Run the pipeline's stages: None once the request may be routed, the Answer when a stage
+        answers it itself; raises APIError when a stage refuses it or its wait runs out. A held request
+        waits here until a stage releases it."""
+        if not self.path.stages:
+            return None
+        while True:
+            self._release(now())
+            verdict = session.admit(self._views.build(), now())
+            if isinstance(verdict, Proceed):
+                return None
+            if isinstance(verdict, Refuse):
+                raise _refusal(verdict)
+            if isinstance(verdict, Answer):
+                return verdict
+            assert isinstance(verdict, Hold)
+            wakeup = asyncio.get_running_loop().create_future()
+            self._wakeups[session.info.request_id] = wakeup
+            try:
+                await asyncio.wait_for(wakeup, max(verdict.until - now(), 0.0))
+            except TimeoutError:
+                raise _refusal(verdict.on_timeout) from None
+            finally:
+                self._wakeups.pop(session.info.request_id, None)
+                self.path.withdraw(session)  # a no-op once released; frees the place when it was not
+
     def choose(
-        self, policy: Policy, request: RequestInfo, exclude: Collection[str], now: float
+        self, session: RequestSession, exclude: Collection[str], now: float
     ) -> tuple[EngineState, Decision]:
         try:
-            decision = policy.choose(request, self._views.build(exclude), now)
-        except NoEngineAvailable as exc:
-            raise APIError(503, str(exc)) from None
-        except RejectRequest as exc:
-            raise APIError(exc.status, exc.message) from None
+            decision = session.choose(self._views.build(exclude), now)
+        except Refused as exc:
+            raise _refusal(exc.refusal) from None
         engine = self._registry.get(decision.engine_id)
         if engine is None:
-            raise RuntimeError(f"policy {policy.name} chose unknown engine {decision.engine_id!r}")
-        self._metrics.decisions.labels(policy.name, decision.reason).inc()
+            raise InternalError(f"policy {session.policy.name} chose unknown engine {decision.engine_id!r}")
+        self._metrics.decisions.labels(session.policy.name, decision.reason).inc()
         return engine, decision
 
     def health_changed(self) -> None:
@@ -121,10 +162,26 @@ class Dispatcher:
         listing must not keep the old state."""
         self._registry.changed()
 
-    def dispatched(self, policy: Policy, request: RequestInfo, engine: EngineState, now: float) -> None:
-        EngineRegistry.dispatched(engine)
-        policy.on_dispatch(request, engine.engine_id, now)
+    def finished(self, session: RequestSession, now: float, status: int, latency_s: float) -> None:
+        """The request has ended; requests its end makes room for go on."""
+        session.finished(now, status, 0, latency_s)
+        self._release(now)
 
-    def finished(self, policy: Policy, request: RequestInfo, engine: EngineState, now: float) -> None:
-        EngineRegistry.finished(engine)
-        policy.on_finish(request, engine.engine_id, now)
+    def release_held(self, now: float) -> None:
+        """Wake the requests a stage lets go on now (after an engine joined, for one)."""
+        self._release(now)
+
+    def _release(self, now: float) -> None:
+        if not self.path.held:
+            return
+        for session in self.path.release(self._views.build(), now):
+            wakeup = self._wakeups.get(session.info.request_id)
+            if wakeup is not None and not wakeup.done():
+                wakeup.set_result(None)
+
+
+def _refusal(refusal: Refuse) -> APIError:
+    headers = None
+    if refusal.retry_after_s is not None:
+        headers = {"Retry-After": str(max(1, round(refusal.retry_after_s)))}
+    return APIError(refusal.status, refusal.message, headers=headers)

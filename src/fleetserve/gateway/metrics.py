@@ -117,7 +117,7 @@ class _EngineCollector(Collector):
             "fleetserve_engine_kv_usage", "Scraped KV-cache usage (0..1).", labels=labels
         )
         for engine in self._engines.engines():
-            values = [engine.engine_id, engine.model, engine.gpu or ""]
+            values = [engine.engine_id, engine.model, engine.spec.gpu or ""]
             in_flight.add_metric(values, engine.in_flight)
             routable.add_metric(values, 1.0 if engine.health.routable else 0.0)
             metrics = engine.metrics

@@ -15,9 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
+import orjson
 
-from fleetserve.config import GatewayConfig, SLOConfig
-from fleetserve.fleet.registry import EngineState
+from fleetserve.config import GatewayConfig
+from fleetserve.fleet.state import EngineState
 from fleetserve.gateway.admission import (
     AdmissionGate,
     ClientGone,
@@ -26,13 +27,14 @@ from fleetserve.gateway.admission import (
     parse_request,
     read_body,
 )
-from fleetserve.gateway.asgi import Receive, Scope, Send, header_map, send_error
+from fleetserve.gateway.asgi import Receive, Scope, Send, header_map, send_bytes, send_error
 from fleetserve.gateway.dispatch import Dispatcher, ModelIndex
 from fleetserve.gateway.metrics import GatewayMetrics
 from fleetserve.gateway.tokens import PromptTokenizer
+from fleetserve.pipeline import Answer, RequestSession
 from fleetserve.protocol.errors import APIError
 from fleetserve.protocol.sse import DONE, sse_error
-from fleetserve.routing import Decision, Policy, RequestInfo
+from fleetserve.routing import Decision
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +53,17 @@ class Exchange:
     parsed: ParsedRequest
     body: bytes
     path: str
-    info: RequestInfo
-    policy: Policy
+    session: RequestSession
     headers: dict[str, str]  # sent to every engine
     arrival: float
     send: Send
     headers_with_auth: dict[str, str] | None = None  # plus the client's Authorization, for trusted engines
     engine_id: str = ""  # the engine of the current attempt
     completing: bool = False  # the answer is complete for the client; a disconnect now changes nothing
+    status: int = 500  # what the client got, once it has it (500 until then: a bug ends it that way)
 
     def headers_for(self, engine: EngineState) -> dict[str, str]:
-        if engine.forward_auth and self.headers_with_auth is not None:
+        if engine.spec.forward_auth and self.headers_with_auth is not None:
             return self.headers_with_auth
         return self.headers
 
@@ -77,13 +79,11 @@ class Proxy:
         debug_header: bool,
         clock: Callable[[], float] = time.monotonic,
         *,
-        slo: SLOConfig | None = None,
         tokenizer: PromptTokenizer | None = None,
     ) -> None:
-        """`slo` is the fleet's objective, handed to policies with every request; `tokenizer` gives
-        policies the prompt's token ids (for prefix hashing) when the model is known."""
+        """`tokenizer` gives policies the prompt's token ids (for prefix hashing) when the model is
+        known."""
         self._config = config
-        self._slo = slo
         self._tokenizer = tokenizer
         self._dispatcher = dispatcher
         self._models = models
@@ -141,6 +141,7 @@ class Proxy:
             model = parsed.model
             base_model, adapter = self._models.resolve(model)
             policy = self._dispatcher.policy_for(headers.get(b"x-fleetserve-policy"))
+            priority = _priority(headers.get(b"x-fleetserve-priority"))
         except APIError as error:
             self._count(model, "", error.status)
             await send_error(send, error)
@@ -150,10 +151,9 @@ class Proxy:
             if self._tokenizer is None
             else self._tokenizer.token_ids(parsed.payload, endpoint, base_model)
         )
-        slo = self._slo
-        info = RequestInfo(
-            request_id=self._dispatcher.next_request_id(),
-            model=base_model,
+        session = self._dispatcher.path.open(
+            self._dispatcher.next_request_id(),
+            base_model,
             adapter=adapter,
             prompt_len=len(token_ids) if token_ids else parsed.prompt_len,
             max_output_tokens=parsed.max_output_tokens,
@@ -161,11 +161,11 @@ class Proxy:
             tenant=_text(headers.get(b"x-fleetserve-tenant")) or _user(parsed),
             session=_text(headers.get(b"x-session-id") or headers.get(b"x-fleetserve-session"))
             or _user(parsed),
-            ttft_slo_ms=slo.ttft_ms if slo else None,
-            tpot_slo_ms=slo.tpot_ms if slo else None,
-            arrival_time=arrival,
+            priority=priority,
+            arrival=arrival,
+            policy=policy,
         )
-        exchange = Exchange(parsed, body, scope["path"], info, policy, UPSTREAM_HEADERS, arrival, send)
+        exchange = Exchange(parsed, body, scope["path"], session, UPSTREAM_HEADERS, arrival, send)
         if b"authorization" in headers:
             exchange.headers_with_auth = {
                 **UPSTREAM_HEADERS,
@@ -189,43 +189,63 @@ class Proxy:
 
         watcher = asyncio.create_task(watch())
         try:
-            await self._forward(exchange)
+            answer = await self._dispatcher.admit(exchange.session, self._clock)
+            if answer is None:
+                await self._forward(exchange)
+            else:
+                await self._send_answer(exchange, answer)
         except asyncio.CancelledError:
             if not client_gone:
                 raise
             task.uncancel()
             self._count(exchange.parsed.model, exchange.engine_id, CLIENT_CLOSED)
+            exchange.status = CLIENT_CLOSED
         except APIError as error:
             self._count(exchange.parsed.model, "", error.status)
+            exchange.status = error.status
             exchange.completing = True
             await send_error(exchange.send, error)
         finally:
             watcher.cancel()
+            now = self._clock()
+            self._dispatcher.finished(exchange.session, now, exchange.status, now - exchange.arrival)
+
+    async def _send_answer(self, exchange: Exchange, answer: Answer) -> None:
+        """A stage's own answer: JSON, or one SSE event and [DONE] for a streaming request."""
+        exchange.completing = True
+        exchange.status = answer.status
+        body = orjson.dumps(answer.body)
+        if exchange.parsed.stream and answer.status == 200:
+            await send_bytes(exchange.send, 200, b"data: " + body + b"\n\n" + DONE, b"text/event-stream")
+        else:
+            await send_bytes(exchange.send, answer.status, body, b"application/json")
+        self._count(exchange.parsed.model, "", answer.status)
 
     async def _forward(self, exchange: Exchange) -> None:
         tried: list[str] = []
         failure: APIError | None = None
         for attempt in range(self._config.max_retries + 1):
             now = self._clock()
+            session = exchange.session
             try:
-                engine, decision = self._dispatcher.choose(exchange.policy, exchange.info, tried, now)
+                engine, decision = self._dispatcher.choose(session, tried, now)
             except APIError:
                 if failure is None:
                     raise
                 # every candidate failed once: try them again rather than give up (a stale pooled
                 # connection to a restarted engine fails once and then works)
                 try:
-                    engine, decision = self._dispatcher.choose(exchange.policy, exchange.info, (), now)
+                    engine, decision = self._dispatcher.choose(session, (), now)
                 except APIError:
                     raise failure from None
             if attempt:
                 self._metrics.retries.labels(exchange.parsed.model).inc()
-            self._dispatcher.dispatched(exchange.policy, exchange.info, engine, now)
+            session.dispatched(now)
             exchange.engine_id = engine.engine_id
             try:
                 failure = await self._attempt(exchange, engine, decision)
             finally:
-                self._dispatcher.finished(exchange.policy, exchange.info, engine, self._clock())
+                session.attempt_ended(self._clock())
             if failure is None:
                 return
             tried.append(engine.engine_id)
@@ -274,7 +294,7 @@ class Proxy:
             return failure
         assert response is not None
         try:
-            exchange.policy.on_first_token(exchange.info, engine.engine_id, self._clock())
+            exchange.session.first_token(self._clock())
             if parsed.stream and response.status == 200:
                 await self._relay_stream(exchange, engine, decision, response, first)
             else:
@@ -300,6 +320,7 @@ class Proxy:
         self._metrics.ttft.labels(model).observe(elapsed)
         self._metrics.e2e.labels(model).observe(elapsed)
         self._count(model, engine.engine_id, response.status)
+        exchange.status = response.status
 
     async def _relay_stream(
         self,
@@ -348,6 +369,7 @@ class Proxy:
         await send({"type": "http.response.body", "body": tail, "more_body": False})
         self._metrics.e2e.labels(model).observe(self._clock() - exchange.arrival)
         self._count(model, engine.engine_id, status)
+        exchange.status = status
 
     def _start(
         self, response: aiohttp.ClientResponse, decision: Decision, length: int | None
@@ -402,6 +424,18 @@ def _last_event_end(data: bytes) -> int:
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _priority(value: bytes | None) -> int:
+    """The x-fleetserve-priority header: an integer, higher served first by the priority stage."""
+    if value is None:
+        return 0
+    try:
+        return int(value.decode("latin-1").strip())
+    except ValueError:
+        raise APIError(
+            400, "the x-fleetserve-priority header must be an integer", param="x-fleetserve-priority"
+        ) from None
 
 
 def _text(value: bytes | None) -> str | None:

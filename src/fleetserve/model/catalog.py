@@ -46,6 +46,8 @@ class GpuSpec:
     memory_gb: device memory in GB (1e9 bytes). interconnect_gbps: the vendor's headline GPU-to-GPU
     bandwidth (NVLink, or PCIe for cards without it), both directions summed, GB/s.
     host_link_gbps: host-to-device bandwidth in one direction, GB/s (PCIe), used for adapter loads.
+    weight_load_gbps: how fast a starting engine reads its weights onto this GPU, GB/s (storage to
+    device; see gpus.yaml for the assumption behind the default), used for cold starts.
     """
 
     name: str
@@ -56,6 +58,7 @@ class GpuSpec:
     usd_per_hour: float
     price_source: str
     host_link_gbps: float = 32.0
+    weight_load_gbps: float = 2.0
     interconnect: str = "PCIe"
     aliases: tuple[str, ...] = field(default=(), compare=False)
 

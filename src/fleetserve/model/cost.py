@@ -28,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from fleetserve.errors import InputError
 from fleetserve.model.catalog import BF16_BYTES, GpuSpec, ModelSpec
 
 # all-reduces per transformer layer: after attention and after the MLP (Megatron-style tensor parallel)
@@ -36,6 +37,14 @@ ALLREDUCES_PER_LAYER = 2
 REFERENCE_BATCH = 64
 REFERENCE_CONTEXT = 1024
 REFERENCE_MEMORY_UTILIZATION = 0.9
+# Seconds from process start to serving, weights aside: CUDA initialisation, KV-cache allocation and
+# CUDA-graph capture. An ASSUMPTION of the order vLLM's start-up logs show on one GPU (tens of seconds),
+# overridable per engine group with the fleet file's `cold_start_s`.
+ENGINE_START_S = 20.0
+
+
+class UnsupportedParallelism(InputError):
+    """A tensor-parallel degree the model cannot be split by."""
 
 
 @dataclass(frozen=True)
@@ -81,9 +90,9 @@ class CostModel:
 
     def __init__(self, gpu: GpuSpec, model: ModelSpec, tp: int = 1, params: CostParams | None = None) -> None:
         if tp < 1:
-            raise ValueError(f"tensor-parallel degree must be >= 1, got {tp}")
+            raise UnsupportedParallelism(f"tensor-parallel degree must be >= 1, got {tp}")
         if model.heads % tp != 0:
-            raise ValueError(
+            raise UnsupportedParallelism(
                 f"{model.name} has {model.heads} attention heads, which tp={tp} does not divide evenly"
             )
         self.gpu = gpu
@@ -110,6 +119,11 @@ class CostModel:
             self._comm_s_per_token = (
                 collectives * ring_factor * model.hidden_size * BF16_BYTES / link_bytes_per_s
             )
+
+    def cold_start_s(self, engine_start_s: float = ENGINE_START_S) -> float:
+        """Seconds from starting the engine to serving: its share of the weights read at the GPU's
+        `weight_load_gbps`, plus the fixed `engine_start_s`."""
+        return self._weight_bytes_per_gpu / (self.gpu.weight_load_gbps * 1e9) + engine_start_s
 
     def iteration_time(self, prefill: Sequence[tuple[int, int]], decode: Sequence[int]) -> float:
         """One iteration that runs `prefill` chunks, each (chunk_tokens, context_tokens_before_chunk),

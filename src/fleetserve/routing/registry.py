@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
+from fleetserve.named import build_named
 from fleetserve.routing.base import Policy
 from fleetserve.routing.cache_aware import KVCostPolicy, PrefixAwarePolicy
 from fleetserve.routing.dualmap import DualMapPolicy
@@ -48,20 +48,5 @@ for _cls in (
 
 def make_policy(name: str, params: dict[str, Any] | None = None, seed: int | None = None) -> Policy:
     """Build policy `name` with `params`. Policies that draw random numbers take a `seed`: the argument,
-    else `params["seed"]`, else fresh entropy."""
-    if name not in POLICIES:
-        raise ValueError(f"unknown routing policy {name!r}; valid policies: {', '.join(sorted(POLICIES))}")
-    cls = POLICIES[name]
-    accepted = {
-        p.name
-        for p in inspect.signature(cls.__init__).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-    }
-    params = dict(params or {})
-    unknown = sorted(set(params) - accepted)
-    if unknown:
-        valid = ", ".join(sorted(accepted)) or "none"
-        raise ValueError(f"policy {name!r} has no parameter {', '.join(unknown)}; valid parameters: {valid}")
-    if seed is not None and "seed" in accepted:
-        params["seed"] = seed
-    return cls(**params)
+    else `params["seed"]`, else fresh entropy. Raises UnknownName or BadParameters."""
+    return build_named("routing policy", POLICIES, name, params, seed, plural="policies")

@@ -44,6 +44,10 @@ class WakeupQueue:
             self._pending[key] = time
             heapq.heappush(self._heap, (time, key))
 
+    def grow(self, num_keys: int) -> None:
+        """Make room for keys up to num_keys - 1 (an engine joined the run)."""
+        self._pending.extend([math.inf] * (num_keys - len(self._pending)))
+
     def pending(self, key: int) -> float:
         return self._pending[key]
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from fleetserve.config import FleetConfig
+from fleetserve.control import EngineEvent
 from fleetserve.sim.fleet import SimEngine, SimFleet
 from fleetserve.sim.metrics import SLO, RequestArrays, RequestMetrics, latency_stats_ms
 
@@ -27,19 +28,29 @@ QUANTILE_POINTS = 101  # 0%, 1%, ..., 100%: enough to draw a CDF in the report
 @dataclass
 class LoadSeries:
     """Per-engine in-flight requests, requests waiting in the engine's queue, and KV usage, sampled over
-    simulated time."""
+    simulated time. An engine that joined during the run has no samples before it joined and none
+    after it left (None in the JSON)."""
 
     engine_ids: list[str]
     times: list[float] = field(default_factory=list)
-    in_flight: list[list[int]] = field(default_factory=list)  # one row per sample
-    waiting: list[list[int]] = field(default_factory=list)
-    kv_usage: list[list[float]] = field(default_factory=list)
+    in_flight: list[list[int | None]] = field(default_factory=list)  # one row per sample
+    waiting: list[list[int | None]] = field(default_factory=list)
+    kv_usage: list[list[float | None]] = field(default_factory=list)
 
     def sample(self, now: float, engines: Sequence[SimEngine]) -> None:
         self.times.append(now)
-        self.in_flight.append([engine.in_flight for engine in engines])
-        self.waiting.append([engine.view.waiting for engine in engines])
-        self.kv_usage.append([round(engine.view.kv_usage, 4) for engine in engines])
+        if all(engine.state is EngineEvent.READY for engine in engines):
+            self.in_flight.append([engine.in_flight for engine in engines])
+            self.waiting.append([engine.view.waiting for engine in engines])
+            self.kv_usage.append([round(engine.view.kv_usage, 4) for engine in engines])
+            return
+        # a starting or gone engine serves nothing: None, so it does not count as idle
+        present = [engine.state in (EngineEvent.READY, EngineEvent.DRAINING) for engine in engines]
+        self.in_flight.append([e.in_flight if p else None for e, p in zip(engines, present, strict=True)])
+        self.waiting.append([e.view.waiting if p else None for e, p in zip(engines, present, strict=True)])
+        self.kv_usage.append(
+            [round(e.view.kv_usage, 4) if p else None for e, p in zip(engines, present, strict=True)]
+        )
 
     def idle_while_queued(self) -> int:
         """Samples in which one engine had nothing to do while another had requests waiting in its queue
@@ -50,13 +61,19 @@ class LoadSeries:
             if 0 in in_flight and any(waiting)
         )
 
+    def _per_engine(self, rows: list[list[Any]]) -> dict[str, list[Any]]:
+        """engine id -> its column; rows sampled before an engine joined are shorter than the last."""
+        return {
+            eid: [row[i] if i < len(row) else None for row in rows] for i, eid in enumerate(self.engine_ids)
+        }
+
     def to_json(self, start: float) -> dict[str, Any]:
         return {
             "t_s": [round(t - start, 4) for t in self.times],
-            "in_flight": {eid: [row[i] for row in self.in_flight] for i, eid in enumerate(self.engine_ids)},
-            "waiting": {eid: [row[i] for row in self.waiting] for i, eid in enumerate(self.engine_ids)},
+            "in_flight": self._per_engine(self.in_flight),
+            "waiting": self._per_engine(self.waiting),
             "idle_while_queued_samples": self.idle_while_queued(),
-            "kv_usage": {eid: [row[i] for row in self.kv_usage] for i, eid in enumerate(self.engine_ids)},
+            "kv_usage": self._per_engine(self.kv_usage),
         }
 
 
@@ -105,12 +122,13 @@ def build_result(
     output_tokens = int(arrays.output_tokens[done].sum())
     prompt_tokens = int(arrays.prompt_tokens[done].sum())
     cached_tokens = int(arrays.cached_tokens[done].sum())
-    usd_per_hour = sum(engine.usd_per_hour for engine in fleet.engines)
-    cost = usd_per_hour * duration / 3600.0
+    alive = {engine.index: _alive_s(engine, start, end) for engine in fleet.engines}
+    cost = sum(engine.usd_per_hour * alive[engine.index] for engine in fleet.engines) / 3600.0
     processed_tokens = prompt_tokens + output_tokens
     ttft, tpot, e2e = arrays.ttft(), arrays.tpot(), arrays.e2e()
     per_engine = {
-        engine.engine_id: _engine_summary(engine, arrays, met, duration) for engine in fleet.engines
+        engine.engine_id: _engine_summary(engine, arrays, met, alive[engine.index], start)
+        for engine in fleet.engines
     }
     summary: dict[str, Any] = {
         "policy": policy,
@@ -147,9 +165,18 @@ def build_result(
     return SimResult(summary, arrays)
 
 
+def _alive_s(engine: SimEngine, start: float, end: float) -> float:
+    """Seconds the engine was part of the fleet (paid for) during the run."""
+    joined = start if engine.joined_at is None else engine.joined_at
+    left = end if engine.left_at is None else engine.left_at
+    return max(left - joined, 0.0)
+
+
 def _engine_summary(
-    engine: SimEngine, arrays: RequestArrays, met: np.ndarray, duration: float
+    engine: SimEngine, arrays: RequestArrays, met: np.ndarray, alive_s: float, start: float
 ) -> dict[str, Any]:
+    """`alive_s`: the seconds it was part of the fleet, which its utilisation and cost are over; the
+    times it joined and left are seconds after `start` (None: there from the start, or to the end)."""
     mine = arrays.engine == engine.index
     done = mine & arrays.completed
     prompt = int(arrays.prompt_tokens[done].sum())
@@ -161,12 +188,14 @@ def _engine_summary(
         "requests": engine.dispatched,
         "completed": int(done.sum()),
         "slo_attainment": float(met[mine].sum() / mine.sum()) if mine.any() else None,
-        "utilization": engine.busy_time / duration if duration > 0 else 0.0,
+        "utilization": engine.busy_time / alive_s if alive_s > 0 else 0.0,
         "output_tokens": int(arrays.output_tokens[done].sum()),
         "prefix_hit_rate": int(arrays.cached_tokens[done].sum()) / prompt if prompt else 0.0,
         "preemptions": engine_metrics.num_preemptions,
         "capacity": engine.view.capacity,
-        "cost_usd": engine.usd_per_hour * duration / 3600.0,
+        "cost_usd": engine.usd_per_hour * alive_s / 3600.0,
+        "joined_s": None if engine.joined_at is None else engine.joined_at - start,
+        "left_s": None if engine.left_at is None else engine.left_at - start,
     }
 
 
@@ -178,7 +207,7 @@ def _fleet_summary(config: FleetConfig, fleet: SimFleet) -> dict[str, Any]:
             for g in config.engines
         ],
         "skipped": fleet.skipped,
-        "usd_per_hour": sum(engine.usd_per_hour for engine in fleet.engines),
+        "usd_per_hour": sum(engine.usd_per_hour for engine in fleet.engines if engine.joined_at is None),
     }
 
 

@@ -1,5 +1,5 @@
-"""The simulation loop: trace arrivals are routed by the same policy object the gateway runs and added
-to engine models, which are advanced on a virtual clock.
+"""The simulation loop: trace arrivals take the same request path as in the gateway (the pipeline's
+stages, then the same policy object) and are added to engine models, advanced on a virtual clock.
 
 Engines are advanced lazily, which is what makes a million requests affordable: an engine is touched
 only when a request is dispatched to it and when the fleet is synced. A sync advances every engine with
@@ -8,21 +8,32 @@ due work and refreshes the views' scraped fields (running, waiting, KV usage), e
 exactly as stale as they are live. Between touches the engine model skips over runs of decode
 iterations in one call. Setting `sync_interval_s=0` syncs before every arrival instead: policy hooks
 and scraped fields are then exact, at the price of advancing busy engines one iteration at a time.
+While a stage holds requests the fleet is advanced one engine event at a time, so a held request is
+released at the moment a finish makes room, as in the gateway.
+
+The fleet may change shape during a run: `SimOptions.fleet_script` steps (and any caller of
+`Simulator.actuator`) start, drain and stop engines on the virtual clock (see `sim/actuator.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import heapq
+import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from operator import attrgetter
 
 from fleetserve.config import FleetConfig
-from fleetserve.model.catalog import Catalog
+from fleetserve.control import EngineEvent, FleetStep
+from fleetserve.model.catalog import Catalog, UnknownEntry
 from fleetserve.model.engine import RequestRejected
 from fleetserve.model.types import EngineRequest, StepResult
-from fleetserve.routing import NoEngineAvailable, Policy, RejectRequest, RequestInfo, make_policy
+from fleetserve.pipeline import Answer, Hold, Refuse, Refused, RequestPath, RequestSession
+from fleetserve.routing import Policy, make_policy
+from fleetserve.sim.actuator import SimActuator
 from fleetserve.sim.events import VirtualClock, WakeupQueue
 from fleetserve.sim.fleet import SimEngine, SimFleet, build_fleet
 from fleetserve.sim.metrics import SLO, RequestMetrics
@@ -31,6 +42,7 @@ from fleetserve.sim.result import LoadSeries, SimResult, build_result
 from fleetserve.workload import TraceRequest
 
 ProgressCallback = Callable[[int, int], None]  # (requests arrived so far, total)
+SERVED, ENGINE_FAILED, ENGINE_STOPPED = 200, 500, 503
 
 
 @dataclass(frozen=True)
@@ -42,16 +54,18 @@ class SimOptions:
     # stop the run as soon as SLO attainment can no longer reach this (a capacity probe far past capacity
     # needs no more than that); the summary then says `stopped_early`
     give_up_below: float | None = None
+    # engines started, drained and stopped during the run, at seconds after its first arrival
+    fleet_script: Sequence[FleetStep] = field(default_factory=tuple)
 
 
 class _Live:
     """A dispatched request that has not finished."""
 
-    __slots__ = ("engine", "index", "info", "last_token_time", "tokens")
+    __slots__ = ("engine", "index", "last_token_time", "session", "tokens")
 
-    def __init__(self, index: int, info: RequestInfo, engine: SimEngine) -> None:
+    def __init__(self, index: int, session: RequestSession, engine: SimEngine) -> None:
         self.index = index
-        self.info = info
+        self.session = session
         self.engine = engine
         self.tokens = 0
         self.last_token_time = 0.0
@@ -70,22 +84,38 @@ class Simulator:
         self.trace = sorted(trace, key=attrgetter("timestamp_ms"))
         self.policy = policy
         self.options = options = options or SimOptions()
-        self.fleet: SimFleet = build_fleet(config, catalog)
+        self.fleet: SimFleet = build_fleet(
+            config, catalog, may_start_empty=any(step.action == "start" for step in options.fleet_script)
+        )
         self.slo = SLO(config.slo.ttft_ms / 1000.0, config.slo.tpot_ms / 1000.0)
-        self._ttft_slo_ms, self._tpot_slo_ms = config.slo.ttft_ms, config.slo.tpot_ms
+        self.path = RequestPath(
+            policy, config.stages(), ttft_slo_ms=config.slo.ttft_ms, tpot_slo_ms=config.slo.tpot_ms
+        )
+        self.actuator = SimActuator(self, config.gateway.drain_timeout_s)
         self.clock = VirtualClock()
         self.metrics = RequestMetrics(len(self.trace))
         self._wakeups = WakeupQueue(len(self.fleet.engines))
         self._live: dict[str, _Live] = {}
         self._by_id = {engine.engine_id: engine for engine in self.fleet.engines}
+        self._held: dict[str, tuple[int, TraceRequest]] = {}  # request id -> where it is in the trace
         self._stale: set[int] = set()  # engines advanced since their view was last refreshed
+        # fleet changes due at a virtual time: (time, order, action), run before what comes later
+        self._due: list[tuple[float, int, Callable[[float], None]]] = []
+        self._due_order = itertools.count()
         # An engine's adapters change only when it loads one on the fly for a request that names it: until
         # such a request arrives, syncs need not compare them.
         self._adapter_requests = False
         self._step = StepResult()
         self._last_finish = -math.inf
-        self._default_model = options.default_model or self.fleet.engines[0].group.model
+        groups = config.engines
+        self._default_model = options.default_model or (
+            self.fleet.engines[0].group.model if self.fleet.engines else groups[0].model
+        )
         self._vocab_size = {engine.group.model: engine.vocab_size for engine in self.fleet.engines}
+        for group in groups:  # models only a fleet script brings
+            if group.gpu is not None and group.model not in self._vocab_size:
+                with contextlib.suppress(UnknownEntry):
+                    self._vocab_size[group.model] = self.fleet.catalog.model(group.model).vocab_size
         interval = (
             config.gateway.scrape_interval_s if options.sync_interval_s is None else options.sync_interval_s
         )
@@ -100,12 +130,49 @@ class Simulator:
         self._late = 0  # finished requests that missed the SLO
         self.stopped_early = False
 
+    # -- the fleet changing shape (called by SimActuator) ------------------------------------------
+
+    def at(self, when: float, action: Callable[[float], None]) -> None:
+        """Run `action(when)` once the virtual clock reaches `when`."""
+        heapq.heappush(self._due, (when, next(self._due_order), action))
+
+    def engine_added(self, engine: SimEngine) -> None:
+        self._wakeups.grow(len(self.fleet.engines))
+        self._by_id[engine.engine_id] = engine
+        self.load.engine_ids.append(engine.engine_id)
+        self._vocab_size.setdefault(engine.group.model, engine.vocab_size)
+
+    def engine_stopped(self, engine: SimEngine, now: float) -> None:
+        """Fail the requests still on a stopped engine and stop advancing it."""
+        for request_id, live in list(self._live.items()):
+            if live.engine is engine:
+                del self._live[request_id]
+                live.session.finished(now, ENGINE_STOPPED, live.tokens)
+                engine.finish(now)
+                self.metrics.fail(live.index, "engine_stopped")
+        self._wakeups.schedule(engine.index, None)
+
+    def _run_due(self, until: float) -> None:
+        """Fleet changes due by `until`, each at its own time."""
+        due = self._due
+        while due and due[0][0] <= until:
+            when, _, action = heapq.heappop(due)
+            when = max(when, self.clock.now)
+            self.clock.advance_to(when)
+            action(when)
+            if self.path.held:
+                self._release(when)
+
+    # -- the run -----------------------------------------------------------------------------------
+
     def run(self, progress: ProgressCallback | None = None) -> SimResult:
         started = time.perf_counter()
         total = len(self.trace)
         report_every = max(total // 100, 1)
         start = self.trace[0].timestamp_ms / 1000.0 if total else 0.0
         self.clock = VirtualClock(start)
+        for step in self.options.fleet_script:
+            self.at(start + step.at_s, self._scripted(step))
         # ticks are when the fleet is synced; they also drive the load samples
         tick = self._sync_interval or self._sample_interval
         next_tick = start
@@ -113,12 +180,14 @@ class Simulator:
         sync_each_arrival = self._sync_interval == 0.0
         for index, request in enumerate(self.trace):
             now = request.timestamp_ms / 1000.0
-            if next_tick <= now and not self._wakeups:
+            if next_tick <= now and not self._wakeups and not self._due and not self.path.held:
                 # an idle fleet through a gap in the trace: jump to the last tick before the arrival
                 next_tick += math.floor((now - next_tick) / tick) * tick
             while next_tick <= now:
                 next_sample = self._tick(next_tick, next_sample)
                 next_tick += tick
+            if self._due:
+                self._run_due(now)
             self.clock.advance_to(now)
             if sync_each_arrival:
                 self._sync(now)
@@ -128,8 +197,8 @@ class Simulator:
             if self._allowed_misses is not None and self._out_of_reach():
                 self.stopped_early = True
                 break
-        # drain: keep syncing (and sampling) until every engine is idle
-        while self._wakeups and not self.stopped_early:
+        # drain: keep syncing (and sampling) until every engine is idle and nothing is held
+        while (self._wakeups or self.path.held) and not self.stopped_early:
             next_tick = max(next_tick, self.clock.now)
             next_sample = self._tick(next_tick, next_sample)
             next_tick += tick
@@ -137,6 +206,8 @@ class Simulator:
                 self.stopped_early = True
         for live in self._live.values():  # stuck for good, e.g. waiting for an adapter no one loads
             self.metrics.fail(live.index, "unfinished" if not self.stopped_early else "not_simulated")
+        for index, _ in self._held.values():
+            self.metrics.fail(index, "not_simulated" if self.stopped_early else "unfinished")
         last_arrival = self.trace[-1].timestamp_ms / 1000.0 if total else start
         end = max(self._last_finish, last_arrival)
         for engine in self.fleet.engines:
@@ -160,12 +231,27 @@ class Simulator:
             result.summary["stopped_early"] = True
         return result
 
+    def _scripted(self, step: FleetStep) -> Callable[[float], None]:
+        actuator = self.actuator
+
+        def act(now: float) -> None:
+            if step.action == "start":
+                actuator.start(step.target, now)
+            elif step.action == "drain":
+                actuator.drain(step.target, now, step.timeout_s)
+            else:
+                actuator.stop(step.target, now)
+
+        return act
+
     def _out_of_reach(self) -> bool:
         """More requests have missed the SLO (failed, or finished late) than the target allows."""
         assert self._allowed_misses is not None
         return self._late + sum(self.metrics.failures.values()) > self._allowed_misses
 
     def _tick(self, now: float, next_sample: float) -> float:
+        if self._due:
+            self._run_due(now)
         self.clock.advance_to(max(now, self.clock.now))
         self._sync(now)
         if now >= next_sample:
@@ -174,9 +260,31 @@ class Simulator:
         return next_sample
 
     def _sync(self, now: float) -> None:
+        if self.path.held:
+            self._sync_held(now)
+            return
         engines = self.fleet.engines
         for key in self._wakeups.pop_due(now):
             self._advance(engines[key], now)
+        self._refresh_views()
+
+    def _sync_held(self, now: float) -> None:
+        """A sync while requests are held: one engine event at a time, releasing held requests as soon
+        as a finish makes room, as the gateway does."""
+        engines, wakeups = self.fleet.engines, self._wakeups
+        while self.path.held and (when := wakeups.next_time()) <= now:
+            for key in wakeups.pop_due(when):
+                self._advance(engines[key], when)
+            self._refresh_views()
+            self._release(when)
+        for key in wakeups.pop_due(now):
+            self._advance(engines[key], now)
+        self._refresh_views()
+        if self.path.held:
+            self._release(now)
+
+    def _refresh_views(self) -> None:
+        engines = self.fleet.engines
         adapters_changed = False
         check_adapters = self._adapter_requests
         for key in self._stale:
@@ -208,42 +316,82 @@ class Simulator:
             metrics.fail(index, "model_not_served")
             return
         token_ids = LazyPromptTokens(request, vocab_size, index, self.options.prompt_seed)
-        output_len = max(request.output_length, 1)
-        info = RequestInfo(
-            request_id=str(index),
-            model=model,
+        session = self.path.open(
+            str(index),
+            model,
             adapter=request.adapter,
             prompt_len=request.input_length,
-            max_output_tokens=output_len,
+            max_output_tokens=max(request.output_length, 1),
             prompt_token_ids=token_ids,
             tenant=request.tenant,
             session=request.session,
             priority=request.priority,
-            ttft_slo_ms=self._ttft_slo_ms,
-            tpot_slo_ms=self._tpot_slo_ms,
-            arrival_time=now,
+            arrival=now,
         )
+        if self.path.stages:
+            if self.path.held:
+                self._release(now)
+            verdict = session.admit(self.fleet.view, now)
+            if isinstance(verdict, Hold):
+                self._held[session.info.request_id] = (index, request)
+                return
+            if not self._admitted(index, request, session, verdict, now):
+                return
+        self._dispatch(index, request, session, now)
+
+    def _admitted(
+        self, index: int, request: TraceRequest, session: RequestSession, verdict: object, now: float
+    ) -> bool:
+        """Settle a Refuse or an Answer from a stage; True when the request goes on to routing."""
+        if isinstance(verdict, Refuse):
+            session.finished(now, verdict.status)
+            self.metrics.fail(index, verdict.reason)
+            return False
+        if isinstance(verdict, Answer):
+            metrics = self.metrics
+            metrics.first_token[index] = metrics.finish[index] = now
+            metrics.output_tokens[index] = max(request.output_length, 1)
+            session.finished(now, verdict.status, max(request.output_length, 1), 0.0)
+            return False
+        return True
+
+    def _release(self, now: float) -> None:
+        """Held requests whose wait ran out fail; those their stage lets go on continue."""
+        path = self.path
+        for session, refusal in path.expired(now):
+            index, _ = self._held.pop(session.info.request_id)
+            session.finished(now, refusal.status)
+            self.metrics.fail(index, refusal.reason)
+        for session in path.release(self.fleet.view, now):
+            index, request = self._held.pop(session.info.request_id)
+            verdict = session.admit(self.fleet.view, now)
+            if isinstance(verdict, Hold):
+                self._held[session.info.request_id] = (index, request)
+            elif self._admitted(index, request, session, verdict, now):
+                self._dispatch(index, request, session, now)
+
+    def _dispatch(self, index: int, request: TraceRequest, session: RequestSession, now: float) -> None:
+        metrics = self.metrics
         try:
-            decision = self.policy.choose(info, self.fleet.view, now)
-        except NoEngineAvailable:
-            metrics.fail(index, "no_engine")
-            return
-        except RejectRequest:
-            metrics.fail(index, "rejected")
+            decision = session.choose(self.fleet.view, now)
+        except Refused as refused:
+            session.finished(now, refused.refusal.status)
+            metrics.fail(index, refused.refusal.reason)
             return
         engine = self._by_id[decision.engine_id]
         if request.adapter is not None:
             self._adapter_requests = True
         if self._wakeups.pending(engine.index) <= now:
             self._advance(engine, now)
-        self.policy.on_dispatch(info, engine.engine_id, now)
+        session.dispatched(now)
         engine.dispatch(now)
+        info = session.info
         # without hash_ids no other request shares a block of this prompt (its tokens are unique to its
         # index), so the engine needs its length only
         engine_request = EngineRequest(
             info.request_id,
-            token_ids,
-            output_len,
+            info.prompt_token_ids,  # type: ignore[arg-type]  # the LazyPromptTokens of _arrive
+            info.max_output_tokens,
             now,
             request.adapter,
             request.priority,
@@ -252,28 +400,27 @@ class Simulator:
         try:
             engine.model.add_request(engine_request, now)
         except RequestRejected:
+            session.finished(now, 400)
             engine.finish(now)
-            self.policy.on_finish(info, engine.engine_id, now)
             metrics.fail(index, "engine_rejected")
             return
         metrics.engine[index] = engine.index
-        self._live[info.request_id] = _Live(index, info, engine)
+        self._live[info.request_id] = _Live(index, session, engine)
         self._wakeups.schedule(engine.index, engine.model.next_event_time())
         self._stale.add(engine.index)
 
     def _absorb(self, engine: SimEngine, result: StepResult) -> None:
-        """Turn an engine's token outputs into request metrics and policy hooks."""
+        """Turn an engine's token outputs into request metrics and the request path's hooks."""
         live_requests = self._live
         metrics = self.metrics
         itl = metrics.itl
-        policy = self.policy
         # a TokenOutput is a NamedTuple: unpacking it in field order beats reading seven attributes
         for request_id, count, first, last, finished, finish_reason, cached_tokens in result.outputs:
             live = live_requests[request_id]
             if live.tokens == 0:
                 metrics.first_token[live.index] = first
                 metrics.cached_tokens[live.index] = cached_tokens
-                policy.on_first_token(live.info, engine.engine_id, first)
+                live.session.first_token(first)
             else:
                 itl.add(first - live.last_token_time)
             if count > 1:
@@ -282,9 +429,12 @@ class Simulator:
             live.last_token_time = last
             if finished:
                 del live_requests[request_id]
+                failed = finish_reason in ("abort", "error")
+                live.session.finished(
+                    last, ENGINE_FAILED if failed else SERVED, live.tokens, last - metrics.arrival[live.index]
+                )
                 engine.finish(last)
-                policy.on_finish(live.info, engine.engine_id, last)
-                if finish_reason in ("abort", "error"):
+                if failed:
                     metrics.fail(live.index, f"engine_{finish_reason}")
                 else:
                     metrics.finish[live.index] = last
@@ -293,6 +443,8 @@ class Simulator:
                         self._late += 1
                 if last > self._last_finish:
                     self._last_finish = last
+                if engine.state is EngineEvent.DRAINING and engine.in_flight == 0:
+                    self.actuator.drained(engine, last)
 
     def _missed(self, live: _Live, last: float) -> bool:
         first = self.metrics.first_token[live.index]
