@@ -25,6 +25,8 @@ from pydantic import (
     model_validator,
 )
 
+from fleetserve.errors import InputError
+
 if TYPE_CHECKING:
     from fleetserve.pipeline import Stage
 
@@ -73,7 +75,12 @@ class EngineGroup(_Strict):
     )
     model: str = Field(description="Model name as clients request it (a catalog entry for emulated).")
     gpu: str | None = Field(None, description="GPU catalog name; required for emulated engines.")
-    replicas: int = Field(1, ge=1, description="How many identical engines this line describes.")
+    replicas: int = Field(
+        1,
+        ge=0,
+        description="How many identical engines this line describes at the start (0: a group the fleet"
+        " actuator may start engines of later).",
+    )
     tp: int = Field(1, ge=1, description="Tensor-parallel degree.")
     url: str | None = Field(None, description="Base URL of an engine that is already running.")
     dialect: MetricsDialect = Field("vllm", description="Which metric names the engine exposes.")
@@ -462,7 +469,7 @@ class EngineInstance:
         return f"tcp://{host}:{publish}", f"tcp://{host}:{replay}"
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A fleet file that does not validate; the message names each bad key and its line."""
 
 

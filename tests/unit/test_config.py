@@ -29,7 +29,7 @@ def test_issue_example_validates_and_expands_replicas() -> None:
 
 
 def test_error_names_key_and_line() -> None:
-    bad = EXAMPLE.replace("replicas: 4", "replicas: 0")
+    bad = EXAMPLE.replace("replicas: 4", "replicas: -1")
     with pytest.raises(ConfigError) as info:
         parse_fleet(bad, source="fleet.yaml")
     message = str(info.value)
@@ -57,7 +57,7 @@ def test_duplicate_names_and_non_mapping() -> None:
 
 
 def test_a_bad_policy_is_reported_with_its_line_beside_other_errors() -> None:
-    text = "engines:\n  - {name: e, url: 'http://x:1', model: m, replicas: 0}\nrouter:\n  policy: fastest\n"
+    text = "engines:\n  - {name: e, url: 'http://x:1', model: m, replicas: -1}\nrouter:\n  policy: fastest\n"
     with pytest.raises(ConfigError) as error:
         parse_fleet(text)
     message = str(error.value)

@@ -22,6 +22,7 @@ from typing import Protocol
 import numpy as np
 
 from fleetserve.bench.client import BenchRequest
+from fleetserve.errors import InputError
 from fleetserve.workload.generators import arrival_gaps
 
 # send(request, scheduled_at) where scheduled_at is seconds since the start of the run.
@@ -60,7 +61,7 @@ def gamma_offsets(rate: float, burstiness: float = 1.0, seed: int = 0) -> Iterat
     1/rate: burstiness 1 is a Poisson process, < 1 burstier, > 1 more regular. An infinite rate sends
     everything at once."""
     if rate <= 0 or burstiness <= 0:
-        raise ValueError("rate and burstiness must be positive")
+        raise InputError("rate and burstiness must be positive")
     if math.isinf(rate):
         yield from itertools.repeat(0.0)
         return
@@ -77,7 +78,7 @@ def trace_offsets(timestamps_ms: Sequence[float], rate_scale: float = 1.0) -> li
     """Send offsets (seconds) that keep a trace's spacing, starting at its first request. `rate_scale` 2
     replays the trace twice as fast (twice the request rate)."""
     if rate_scale <= 0:
-        raise ValueError("rate_scale must be positive")
+        raise InputError("rate_scale must be positive")
     if not timestamps_ms:
         return []
     first = min(timestamps_ms)
@@ -116,7 +117,7 @@ async def run_closed_loop(
     """`concurrency` users, each sending its next request when its previous one completes. Returns how
     many were sent, after all of them completed."""
     if concurrency < 1:
-        raise ValueError("concurrency must be at least 1")
+        raise InputError("concurrency must be at least 1")
     pending = iter(requests)
     sent = 0
 

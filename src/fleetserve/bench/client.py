@@ -15,6 +15,7 @@ from typing import Literal
 import aiohttp
 import orjson
 
+from fleetserve.errors import InternalError
 from fleetserve.protocol.sse import SSEDecoder
 
 Endpoint = Literal["chat", "completions"]
@@ -119,7 +120,7 @@ class StreamingClient:
     async def send(self, request: BenchRequest, record: RequestRecord, run_start: float) -> RequestRecord:
         """Sends `request` now and fills `record` in. Never raises except on cancellation."""
         if self._session is None:
-            raise RuntimeError("StreamingClient must be used as an async context manager")
+            raise InternalError("StreamingClient must be used as an async context manager")
         payload = orjson.dumps(request_body(request, self.endpoint))
         start = time.perf_counter()
         record.sent_at = start - run_start

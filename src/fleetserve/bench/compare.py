@@ -10,6 +10,8 @@ from typing import Any
 import orjson
 from rich.table import Table
 
+from fleetserve.errors import InputError
+
 
 @dataclass(frozen=True, slots=True)
 class Report:
@@ -30,7 +32,7 @@ def load_reports(paths: Sequence[str | Path]) -> list[Report]:
     for path in paths:
         data = orjson.loads(Path(path).read_bytes())
         if not isinstance(data, dict) or "summary" not in data:
-            raise ValueError(f"{path} is not a fleetserve bench report")
+            raise InputError(f"{path} is not a fleetserve bench report")
         reports.append(Report(data.get("label") or Path(path).stem, data))
     return reports
 

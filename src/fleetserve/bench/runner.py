@@ -31,6 +31,7 @@ from fleetserve.bench.arrivals import (
 from fleetserve.bench.client import BenchRequest, Endpoint, RequestRecord, StreamingClient
 from fleetserve.bench.metrics import SLO, Summary, record_to_dict, summarize
 from fleetserve.bench.synthetic import parse_workload
+from fleetserve.errors import InputError
 from fleetserve.workload.prompts import prompt_text
 from fleetserve.workload.readers import read_trace
 from fleetserve.workload.trace import TraceRequest
@@ -73,17 +74,17 @@ class BenchConfig:
 
     def validate(self) -> None:
         if (self.trace is None) == (self.workload is None):
-            raise ValueError("give exactly one of a trace or a workload spec")
+            raise InputError("give exactly one of a trace or a workload spec")
         if self.rate is not None and self.concurrency is not None:
-            raise ValueError("give a rate (open loop) or a concurrency (closed loop), not both")
+            raise InputError("give a rate (open loop) or a concurrency (closed loop), not both")
         if self.workload is not None and self.rate is None and self.concurrency is None:
-            raise ValueError("a synthetic workload needs a rate or a concurrency")
+            raise InputError("a synthetic workload needs a rate or a concurrency")
         if self.workload is not None and self.duration_s is None and self.num_requests is None:
-            raise ValueError("a synthetic workload is endless: give a duration or a number of requests")
+            raise InputError("a synthetic workload is endless: give a duration or a number of requests")
         if self.trace is not None and not Path(self.trace).is_file():
-            raise ValueError(f"trace {self.trace} does not exist")
+            raise InputError(f"trace {self.trace} does not exist")
         if self.rate is not None and math.isinf(self.rate) and self.num_requests is None:
-            raise ValueError("an infinite rate sends everything at once: give a number of requests")
+            raise InputError("an infinite rate sends everything at once: give a number of requests")
         if self.workload is not None:
             parse_workload(self.workload)
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fleetserve.errors import InputError
 from fleetserve.workload.generators import LengthDistribution, parse_length_spec
 from fleetserve.workload.trace import TraceRequest
 
@@ -25,7 +26,7 @@ PREFIX_BLOCK_TOKENS = 16
 DRAW_BATCH = 1024
 
 
-class WorkloadSpecError(ValueError):
+class WorkloadSpecError(InputError):
     pass
 
 
@@ -81,5 +82,5 @@ def _length(text: str, side: str) -> LengthDistribution:
     spec = f"fixed:{text}" if text.isdigit() else text
     try:
         return parse_length_spec(spec, side=side)
-    except (ValueError, OSError) as error:
+    except (InputError, OSError) as error:
         raise WorkloadSpecError(f"{side}: {error}") from None

@@ -18,6 +18,7 @@ from fleetserve.bench.compare import Report, comparison_table, load_reports, plo
 from fleetserve.bench.metrics import SLO
 from fleetserve.bench.runner import BenchConfig, BenchResult, run_bench, run_sync
 from fleetserve.cli.console import make_console
+from fleetserve.errors import InputError
 
 
 class RichProgress:
@@ -167,7 +168,7 @@ def bench(
     )
     try:
         config.validate()
-    except ValueError as error:
+    except InputError as error:
         raise click.UsageError(str(error)) from None
     console = make_console(stderr=True)
     result = run_sync(_run_until_interrupted(config, console, show=not quiet and console.is_terminal))

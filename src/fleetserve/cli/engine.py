@@ -9,7 +9,8 @@ import click
 
 from fleetserve.cli.launch import llamacpp_command
 from fleetserve.config import ConfigError, EngineArgs, load_fleet
-from fleetserve.model.catalog import CatalogError, UnknownEntry
+from fleetserve.errors import InputError
+from fleetserve.model.catalog import UnknownEntry
 
 
 @click.group(name="engine")
@@ -210,7 +211,7 @@ def emulate(
         host = host or "127.0.0.1"
     try:
         server.run(specs, host, ports)
-    except (UnknownEntry, CatalogError, ValueError) as error:
+    except (UnknownEntry, InputError) as error:
         raise click.ClickException(str(error)) from None
 
 

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from fleetserve.cli.console import make_console
 from fleetserve.model.catalog import Catalog, CatalogError, GpuSpec, ModelSpec, UnknownEntry
-from fleetserve.model.cost import CostModel
+from fleetserve.model.cost import CostModel, UnsupportedParallelism
 
 Spec = TypeVar("Spec", GpuSpec, ModelSpec)
 
@@ -155,7 +155,7 @@ def predict(
     model_spec = _lookup(catalog.model, model_name, "--model")
     try:
         cost = CostModel(gpu_spec, model_spec, tp)
-    except ValueError as error:
+    except UnsupportedParallelism as error:
         raise click.BadParameter(str(error), param_hint="--tp") from error
 
     kv_blocks = cost.num_kv_blocks(block_size, gpu_memory_utilization)

@@ -3,6 +3,7 @@ fleet shapes and rates."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -11,14 +12,17 @@ from typing import Any
 
 import click
 import orjson
+import yaml
 
 from fleetserve.cli.console import make_console
-from fleetserve.config import ConfigError, FleetConfig, load_fleet
+from fleetserve.config import FleetConfig, load_fleet
+from fleetserve.control import FleetStep, parse_fleet_script
+from fleetserve.errors import InputError
 from fleetserve.routing import make_policy
-from fleetserve.sim import SimInputError, SimOptions, find_capacity, plan_cells, run_sweep, simulate
+from fleetserve.sim import SimOptions, find_capacity, plan_cells, run_sweep, simulate
 from fleetserve.sim.capacity import Probe
 from fleetserve.sim.metrics import FAILURE_REASONS
-from fleetserve.workload import TraceFormatError, TraceRequest, TransformSpec, apply_transforms, read_trace
+from fleetserve.workload import TraceRequest, TransformSpec, apply_transforms, read_trace
 
 
 def _config_option(required: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -56,7 +60,7 @@ def _user_errors() -> Iterator[None]:
     """Bad input becomes a one-line error and exit status 1, not a traceback."""
     try:
         yield
-    except (ConfigError, TraceFormatError, SimInputError) as exc:
+    except InputError as exc:  # a fleet file, trace or parameters that cannot be simulated
         raise click.ClickException(str(exc)) from None
 
 
@@ -66,7 +70,7 @@ def _check_policy(name: str | None, config: FleetConfig) -> None:
     params = dict(config.router.params) if name == config.router.policy else {}
     try:
         make_policy(name, params)
-    except ValueError as exc:
+    except InputError as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -79,11 +83,21 @@ def _load(
     spec = TransformSpec(rate_scale=rate_scale, limit=limit)
     try:
         trace = apply_transforms(read_trace(trace_path, fmt), spec)
-    except ValueError as exc:  # an unknown format name, or a transform the trace does not allow
+    except InputError as exc:  # an unknown format name, or a transform the trace does not allow
         raise click.ClickException(str(exc)) from None
     if not trace:
         raise click.ClickException(f"{trace_path}: the trace has no requests")
     return config, trace
+
+
+def _fleet_script(path: str) -> list[FleetStep]:
+    try:
+        entries = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise click.ClickException(f"{path}: cannot read the fleet script: {exc}") from None
+    if not isinstance(entries, list):
+        raise click.ClickException(f"{path}: a fleet script is a YAML list of steps")
+    return parse_fleet_script(entries, source=path)
 
 
 def _options(sync_interval: float | None) -> SimOptions:
@@ -154,6 +168,10 @@ def _print_summary(summary: dict[str, Any]) -> None:
               help="Multiply the trace's arrival rate.")  # fmt: skip
 @_json_option("Write the summary as JSON to PATH (bare --json: one line on stdout).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write an HTML report.")
+@click.option("--fleet-script", "script_path", type=click.Path(exists=True, dir_okay=False),
+              help="YAML list of fleet changes during the run, e.g. `- {at_s: 60, start: h100}`, "
+              "`- {at_s: 300, drain: l4-0, timeout_s: 60}`, `- {at_s: 400, stop: l4-1}` (seconds after "
+              "the first arrival; a started engine serves after its cold start).")  # fmt: skip
 @click.pass_context
 def sim(
     ctx: click.Context,
@@ -168,6 +186,7 @@ def sim(
     rate_scale: float,
     json_path: str | None,
     report_path: str | None,
+    script_path: str | None,
 ) -> None:
     """Replay a trace against the simulated fleet a fleet file describes."""
     if ctx.invoked_subcommand is not None:
@@ -177,8 +196,11 @@ def sim(
     with _user_errors():
         config, trace = _load(config_path, trace_path, trace_format, limit, rate_scale)
         _check_policy(policy, config)
+        options = _options(sync_interval)
+        if script_path is not None:
+            options = dataclasses.replace(options, fleet_script=_fleet_script(script_path))
         with _progress(not quiet, "simulating") as progress:
-            result = simulate(config, trace, policy, seed, options=_options(sync_interval), progress=progress)
+            result = simulate(config, trace, policy, seed, options=options, progress=progress)
     summary = result.summary
     if json_path is not None:
         _write_json(summary, json_path)

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 import click
 import orjson
 
+from fleetserve.errors import InputError
 from fleetserve.workload.generators import ARRIVALS, WorkloadSpec, generate, parse_length_spec
 from fleetserve.workload.readers import FORMATS, read_trace
 from fleetserve.workload.stats import PERCENTILES, summarize
@@ -69,7 +70,7 @@ def _apply_transforms(requests: list[TraceRequest], options: dict[str, Any]) -> 
     )
     try:
         return apply_transforms(requests, spec)
-    except ValueError as error:
+    except InputError as error:
         raise click.UsageError(str(error)) from None
 
 
@@ -324,9 +325,9 @@ def gen(
             seed=seed,
         )
         requests = generate(spec)
-    except TraceFormatError as error:
+    except TraceFormatError as error:  # an empirical length file that does not parse
         raise click.ClickException(str(error)) from None
-    except ValueError as error:
+    except InputError as error:
         raise click.UsageError(str(error)) from None
     _write(_apply_transforms(requests, transforms), out, asked_rate=rate * transforms["rate_scale"])
 

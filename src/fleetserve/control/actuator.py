@@ -18,7 +18,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from fleetserve.errors import FleetserveError, InputError
+from fleetserve.errors import InputError
 
 
 class EngineEvent(enum.Enum):
@@ -43,7 +43,7 @@ class UnknownGroup(InputError):
     """An engine group the fleet file does not define (or one that cannot be started this way)."""
 
 
-class UnknownEngine(FleetserveError, LookupError):
+class UnknownEngine(InputError, LookupError):
     """No engine of the fleet has that id."""
 
 

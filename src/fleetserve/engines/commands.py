@@ -16,6 +16,7 @@ from pathlib import Path
 from fleetserve.config import EngineGroup, EngineInstance, FleetConfig, kv_event_ports
 from fleetserve.engines.launcher import EngineSpec
 from fleetserve.engines.smollm2 import smollm2_gguf_path
+from fleetserve.errors import InputError
 from fleetserve.model.catalog import UnknownEntry, default_catalog
 
 LAUNCHED_KINDS = ("llamacpp", "vllm", "sglang")
@@ -153,7 +154,7 @@ def engine_spec(
         return EngineSpec(instance.engine_id, vllm_argv(instance, host=host), port, host, "/health", env)
     if group.kind == "sglang":
         return EngineSpec(instance.engine_id, sglang_argv(instance, host=host), port, host, "/health")
-    raise ValueError(f"engine {instance.engine_id} is {group.kind}; fleetserve launches {LAUNCHED_KINDS}")
+    raise InputError(f"engine {instance.engine_id} is {group.kind}; fleetserve launches {LAUNCHED_KINDS}")
 
 
 def launched_specs(config: FleetConfig) -> list[EngineSpec]:
@@ -212,7 +213,7 @@ def llamacpp_weights(model: str) -> Path:
 
 def _port(instance: EngineInstance) -> int:
     if instance.port is None:
-        raise ValueError(f"engine {instance.engine_id} has no port to listen on")
+        raise InputError(f"engine {instance.engine_id} has no port to listen on")
     return instance.port
 
 
@@ -223,4 +224,4 @@ def _name_equals_path(adapter: str) -> str:
 
 def _check_lora_slots(group: EngineGroup) -> None:
     if group.engine_args.max_loras < 1:
-        raise ValueError(f"engine group {group.name} lists adapters but engine_args.max_loras is 0")
+        raise InputError(f"engine group {group.name} lists adapters but engine_args.max_loras is 0")

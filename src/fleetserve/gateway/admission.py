@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import orjson
 
+from fleetserve.errors import FleetserveError
 from fleetserve.gateway.asgi import Receive
 from fleetserve.protocol.errors import APIError
 
@@ -57,7 +58,7 @@ async def read_body(receive: Receive, declared_length: bytes | None, max_bytes: 
             return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-class ClientGone(Exception):
+class ClientGone(FleetserveError):
     """The client disconnected before its request was read."""
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 
 from fleetserve.config import EngineDescription, FleetConfig
+from fleetserve.errors import InternalError
 from fleetserve.fleet.health import HealthChecker
 from fleetserve.fleet.kv_events import KVEventHub
 from fleetserve.fleet.registry import EngineRegistry
@@ -125,7 +126,7 @@ class Gateway:
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            raise RuntimeError("the gateway has not started (ASGI lifespan startup has not run)")
+            raise InternalError("the gateway has not started (ASGI lifespan startup has not run)")
         return self._session
 
     # -- lifecycle -------------------------------------------------------------------------------

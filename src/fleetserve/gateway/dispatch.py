@@ -130,17 +130,19 @@ class Dispatcher:
             if isinstance(verdict, Proceed):
                 return None
             if isinstance(verdict, Refuse):
-                raise _refusal(verdict)
+                raise self._refused(verdict)
             if isinstance(verdict, Answer):
                 return verdict
             assert isinstance(verdict, Hold)
             wakeup = asyncio.get_running_loop().create_future()
             self._wakeups[session.info.request_id] = wakeup
+            self._metrics.held.inc()
             try:
                 await asyncio.wait_for(wakeup, max(verdict.until - now(), 0.0))
             except TimeoutError:
-                raise _refusal(verdict.on_timeout) from None
+                raise self._refused(verdict.on_timeout) from None
             finally:
+                self._metrics.held.dec()
                 self._wakeups.pop(session.info.request_id, None)
                 self.path.withdraw(session)  # a no-op once released; frees the place when it was not
 
@@ -150,7 +152,7 @@ class Dispatcher:
         try:
             decision = session.choose(self._views.build(exclude), now)
         except Refused as exc:
-            raise _refusal(exc.refusal) from None
+            raise self._refused(exc.refusal) from None
         engine = self._registry.get(decision.engine_id)
         if engine is None:
             raise InternalError(f"policy {session.policy.name} chose unknown engine {decision.engine_id!r}")
@@ -171,6 +173,13 @@ class Dispatcher:
         """Wake the requests a stage lets go on now (after an engine joined, for one)."""
         self._release(now)
 
+    def _refused(self, refusal: Refuse) -> APIError:
+        self._metrics.refusals.labels(refusal.reason).inc()
+        headers = None
+        if refusal.retry_after_s is not None:
+            headers = {"Retry-After": str(max(1, round(refusal.retry_after_s)))}
+        return APIError(refusal.status, refusal.message, headers=headers)
+
     def _release(self, now: float) -> None:
         if not self.path.held:
             return
@@ -178,10 +187,3 @@ class Dispatcher:
             wakeup = self._wakeups.get(session.info.request_id)
             if wakeup is not None and not wakeup.done():
                 wakeup.set_result(None)
-
-
-def _refusal(refusal: Refuse) -> APIError:
-    headers = None
-    if refusal.retry_after_s is not None:
-        headers = {"Retry-After": str(max(1, round(refusal.retry_after_s)))}
-    return APIError(refusal.status, refusal.message, headers=headers)

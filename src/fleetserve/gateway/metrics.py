@@ -75,6 +75,17 @@ class GatewayMetrics:
             "Requests admitted by the gateway and not yet answered.",
             registry=self.registry,
         )
+        self.held = Gauge(
+            "fleetserve_gateway_requests_held",
+            "Requests a pipeline stage holds (waiting for room in the fleet) right now.",
+            registry=self.registry,
+        )
+        self.refusals = Counter(
+            "fleetserve_gateway_pipeline_refusals",
+            "Requests a pipeline stage or the policy refused, by reason (shed, queue_timeout, no_engine...).",
+            ["reason"],
+            registry=self.registry,
+        )
         self.registry.register(_EngineCollector(engines, kv_events))
         # resident memory, open file descriptors and CPU of the gateway process (what a soak run watches)
         ProcessCollector(registry=self.registry)

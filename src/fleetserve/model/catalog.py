@@ -17,10 +17,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from fleetserve.errors import FleetserveError, InputError
+
 BF16_BYTES = 2
 
 
-class UnknownEntry(KeyError):
+class UnknownEntry(FleetserveError, KeyError):
     """A GPU or model name that the catalog does not hold. The message lists the valid names."""
 
     def __init__(self, kind: str, name: str, valid: Iterable[str]) -> None:
@@ -34,7 +36,7 @@ class UnknownEntry(KeyError):
         return str(self.args[0])
 
 
-class CatalogError(ValueError):
+class CatalogError(InputError):
     """A catalog file that cannot be read into specs (missing or mistyped fields)."""
 
 

@@ -75,7 +75,7 @@ class CostParams:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
         if unknown:
-            raise ValueError(f"unknown cost parameter(s): {', '.join(sorted(unknown))}")
+            raise InputError(f"unknown cost parameter(s): {', '.join(sorted(unknown))}")
         return cls(**{name: float(value) for name, value in values.items()})
 
 

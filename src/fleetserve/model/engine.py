@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from fleetserve.errors import InputError
 from fleetserve.model.kvcache import KVCacheManager
 from fleetserve.model.lora import LoraManager
 from fleetserve.model.scheduler import (
@@ -40,7 +41,7 @@ _LORA_TARGETS_PER_LAYER = 4
 _BF16_BYTES = 2
 
 
-class RequestRejected(ValueError):
+class RequestRejected(InputError):
     """A request the engine can never serve; the message says why."""
 
 
@@ -74,7 +75,7 @@ class EngineModel:
         if num_gpu_blocks is None:
             num_gpu_blocks = cost.num_kv_blocks(config.block_size, config.gpu_memory_utilization)
         if num_gpu_blocks < 1:
-            raise ValueError(
+            raise InputError(
                 f"{cost.model.name} does not fit on {cost.tp} x {cost.gpu.name} at "
                 f"gpu_memory_utilization={config.gpu_memory_utilization}: no memory left for the KV cache"
             )
@@ -157,7 +158,7 @@ class EngineModel:
 
     def load_adapter(self, name: str, now: float, size_bytes: int | None = None) -> None:
         if not self.lora.enabled:
-            raise ValueError("LoRA is disabled on this engine (max_loras=0)")
+            raise InputError("LoRA is disabled on this engine (max_loras=0)")
         self.lora.register(name, size_bytes)
         self._poke(now)
 

@@ -31,6 +31,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from fleetserve.errors import InputError, InternalError
 from fleetserve.model.types import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 _MASK64 = (1 << 64) - 1
@@ -100,7 +101,7 @@ class KVCacheManager:
         enable_events: bool = True,
     ) -> None:
         if num_blocks < 1:
-            raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
+            raise InputError(f"the KV cache needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -288,7 +289,7 @@ class KVCacheManager:
         cached but can never be looked up again (a finished unique prompt's): they join the eviction
         order as one run, after the cached ones."""
         if num_anonymous < 0 or num_unfindable < 0:
-            raise ValueError(f"cannot free a negative number of blocks ({num_anonymous}, {num_unfindable})")
+            raise InputError(f"cannot free a negative number of blocks ({num_anonymous}, {num_unfindable})")
         ref_counts, evictable = self._ref_counts, self._evictable
         released = 0
         for block_hash in reversed(cached_hashes):
@@ -298,14 +299,14 @@ class KVCacheManager:
                 evictable[block_hash] = None
                 released += 1
             elif count < 0:
-                raise RuntimeError(f"block {block_hash:#x} freed more often than referenced")
+                raise InternalError(f"block {block_hash:#x} freed more often than referenced")
         if num_unfindable:
             evictable[_UnfindableRun(num_unfindable)] = None
             released += num_unfindable
         self._num_evictable += released
         self._num_uncached_free += num_anonymous
         if self._num_uncached_free + self._num_evictable > self.num_blocks:
-            raise RuntimeError("more KV blocks freed than allocated")
+            raise InternalError("more KV blocks freed than allocated")
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached block; only possible when no request holds a block (as in vLLM)."""

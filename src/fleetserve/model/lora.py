@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 
+from fleetserve.errors import InputError
+
 
 class LoraManager:
     def __init__(
@@ -67,7 +69,7 @@ class LoraManager:
     def unregister(self, name: str) -> None:
         """Drop an adapter from host and GPU. Refused while a running request uses it."""
         if self._in_use.get(name):
-            raise ValueError(f"adapter {name!r} is in use by running requests")
+            raise InputError(f"adapter {name!r} is in use by running requests")
         self._host.pop(name, None)
         self._slots.pop(name, None)
         self._loading.discard(name)

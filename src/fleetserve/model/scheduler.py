@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
+from fleetserve.errors import InputError, InternalError
 from fleetserve.model.kvcache import KVCacheManager, hash_prompt_blocks
 from fleetserve.model.lora import LoraManager
 from fleetserve.model.types import EngineRequest
@@ -50,17 +51,17 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.max_num_seqs < 1:
-            raise ValueError("block_size and max_num_seqs must be >= 1")
+            raise InputError("block_size and max_num_seqs must be >= 1")
         if self.max_num_batched_tokens < self.max_num_seqs:
             # as in vLLM: every running sequence must be able to decode in the same iteration
-            raise ValueError(
+            raise InputError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
                 f"max_num_seqs ({self.max_num_seqs})"
             )
         if self.scheduling_policy not in ("fcfs", "priority"):
-            raise ValueError(f"unknown scheduling_policy {self.scheduling_policy!r} (fcfs or priority)")
+            raise InputError(f"unknown scheduling_policy {self.scheduling_policy!r} (fcfs or priority)")
         if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+            raise InputError("gpu_memory_utilization must be in (0, 1]")
 
     @classmethod
     def from_args(cls, args: Any) -> SchedulerConfig:
@@ -446,7 +447,7 @@ class Scheduler:
     def schedule(self, now: float) -> ScheduledBatch:
         """Choose the next iteration's work and allocate its blocks. `now` only dates adapter loads."""
         if self.in_flight is not None:
-            raise RuntimeError("an iteration is already in flight")
+            raise InternalError("an iteration is already in flight")
         kv, decode, block_size = self.kv, self.decode, self.block_size
         members = decode.members
         batch = ScheduledBatch()
@@ -547,7 +548,7 @@ class Scheduler:
         """Apply the in-flight iteration's results."""
         batch = self.in_flight
         if batch is None:
-            raise RuntimeError("no iteration in flight")
+            raise InternalError("no iteration in flight")
         self.in_flight = None
         self._decode_block_held = False
         done = Completion()
@@ -633,7 +634,7 @@ class Scheduler:
         decode = self.decode
         first = decode.clock + 1
         if not self.kv.allocate(decode.blocks_needed_over(first, count)):
-            raise RuntimeError("skip beyond the quiet iterations")
+            raise InternalError("skip beyond the quiet iterations")
         decode.clock += count
         batch = self.in_flight
         assert batch is not None

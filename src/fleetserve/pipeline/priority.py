@@ -20,6 +20,7 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
+from fleetserve.errors import InputError
 from fleetserve.pipeline.stage import PROCEED, Hold, Outcome, Refuse, Stage, Verdict
 from fleetserve.routing.base import FleetView, RequestInfo
 
@@ -36,9 +37,9 @@ class PriorityQueueStage(Stage):
 
     def __init__(self, *, slots_per_engine: int = 32, max_wait_s: float = 30.0, shed_below: int = 0) -> None:
         if slots_per_engine < 1:
-            raise ValueError("slots_per_engine must be at least 1")
+            raise InputError("slots_per_engine must be at least 1")
         if not max_wait_s > 0:
-            raise ValueError("max_wait_s must be positive")
+            raise InputError("max_wait_s must be positive")
         self.slots_per_engine = slots_per_engine
         self.max_wait_s = max_wait_s
         self.shed_below = shed_below

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import orjson
 
+from fleetserve.errors import FleetserveError
+
 _TYPE_BY_STATUS = {
     400: "BadRequestError",
     401: "AuthenticationError",
@@ -20,7 +22,7 @@ _TYPE_BY_STATUS = {
 }
 
 
-class APIError(Exception):
+class APIError(FleetserveError):
     """An error that reaches the client as OpenAI-shaped JSON with `status`."""
 
     def __init__(

@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from fleetserve.errors import InputError
 from fleetserve.protocol.errors import APIError
 
 MAX_STOP_SEQUENCES = 64  # bounded like everything else; vLLM itself has no limit
@@ -202,7 +203,7 @@ class ChatCompletionRequest(_GenerationRequest):
 RequestT = TypeVar("RequestT", CompletionRequest, ChatCompletionRequest)
 
 
-class _FieldError(ValueError):
+class _FieldError(InputError):
     """A validation failure that names its field, so the 400 carries OpenAI's `param`."""
 
     def __init__(self, param: str, message: str) -> None:

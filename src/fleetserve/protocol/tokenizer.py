@@ -17,6 +17,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
 
+from fleetserve.errors import InputError
+
 _PIECE = re.compile(r" ?[^\W\d_]{1,4}| ?\d{1,3}| ?(?:[^\w\s]|_){1,4}|\s+(?!\S)|\s+")
 _WORD_TOKEN = re.compile(r" [a-z]{2,8}")
 _RESERVED_IDS = 256  # low ids stay free for special tokens, as in real vocabularies
@@ -40,7 +42,7 @@ class Tokenizer(Protocol):
 class HashTokenizer:
     def __init__(self, vocab_size: int) -> None:
         if vocab_size <= _RESERVED_IDS:
-            raise ValueError(f"vocab_size must exceed {_RESERVED_IDS}, got {vocab_size}")
+            raise InputError(f"vocab_size must exceed {_RESERVED_IDS}, got {vocab_size}")
         self._vocab_size = vocab_size
         span = vocab_size - _RESERVED_IDS
 
@@ -116,7 +118,7 @@ def _cached_json_tokenizer(path: str, mtime_ns: int, size: int) -> JsonTokenizer
     try:
         return JsonTokenizer(path)
     except Exception as exc:  # the tokenizers package raises bare Exceptions for a malformed file
-        raise ValueError(f"not a Hugging Face tokenizer.json ({exc})") from exc
+        raise InputError(f"not a Hugging Face tokenizer.json ({exc})") from exc
 
 
 def chat_prompt(messages: Sequence[tuple[str, str]]) -> str:

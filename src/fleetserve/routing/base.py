@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+from fleetserve.errors import FleetserveError
+
 
 @dataclass(slots=True)
 class RequestInfo:
@@ -85,11 +87,11 @@ class Decision:
     reason: str  # a short label, usable as a metric label value
 
 
-class NoEngineAvailable(Exception):
+class NoEngineAvailable(FleetserveError):
     """No healthy, ready engine serves the request's model (and adapter)."""
 
 
-class RejectRequest(Exception):
+class RejectRequest(FleetserveError):
     """A policy sheds this request; the caller answers with `status` and `message`."""
 
     def __init__(self, status: int, message: str) -> None:

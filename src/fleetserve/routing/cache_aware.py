@@ -19,6 +19,7 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from fleetserve.errors import InputError
 from fleetserve.routing.base import Decision, EngineView, FleetView, Policy, RequestInfo, require_candidates
 from fleetserve.routing.prefix import PrefixMatcher, prompt_tokens
 from fleetserve.routing.ties import break_tie, idle_instead
@@ -62,11 +63,11 @@ class PrefixAwarePolicy(Policy):
         seed: int | None = None,
     ) -> None:
         if not 0.0 <= cache_threshold <= 1.0:
-            raise ValueError(f"cache_threshold must be within 0..1, got {cache_threshold}")
+            raise InputError(f"cache_threshold must be within 0..1, got {cache_threshold}")
         if balance_abs_threshold < 0 or balance_rel_threshold < 1.0:
-            raise ValueError("balance_abs_threshold must be >= 0 and balance_rel_threshold >= 1")
+            raise InputError("balance_abs_threshold must be >= 0 and balance_rel_threshold >= 1")
         if load_bound != 0 and load_bound < 1.0:
-            raise ValueError(f"load_bound must be 0 (off) or at least 1, got {load_bound}")
+            raise InputError(f"load_bound must be 0 (off) or at least 1, got {load_bound}")
         self.cache_threshold = cache_threshold
         self.balance_abs_threshold = balance_abs_threshold
         self.balance_rel_threshold = balance_rel_threshold
@@ -166,7 +167,7 @@ class KVCostPolicy(Policy):
         seed: int | None = None,
     ) -> None:
         if overlap_weight < 0 or temperature < 0:
-            raise ValueError("overlap_weight and temperature must be >= 0")
+            raise InputError("overlap_weight and temperature must be >= 0")
         self.overlap_weight = overlap_weight
         self.temperature = temperature
         self.prefixes = PrefixMatcher(max_entries=max_tree_size, max_bytes=max_bytes, ttl_s=ttl_s)

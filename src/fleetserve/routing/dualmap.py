@@ -34,6 +34,7 @@ import random
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
+from fleetserve.errors import InputError
 from fleetserve.routing.base import Decision, EngineView, FleetView, Policy, RequestInfo, require_candidates
 from fleetserve.routing.cache_aware import DEFAULT_MAX_BLOCKS, DEFAULT_MAX_BYTES, DEFAULT_TTL_S
 from fleetserve.routing.prefix import PrefixMatcher, prompt_tokens
@@ -116,7 +117,7 @@ class HashRing:
             for position in _ring_points(name, engine_id, max(1, round(virtual_nodes * weight)))
         )
         if not points:
-            raise ValueError("a hash ring needs at least one engine")
+            raise InputError("a hash ring needs at least one engine")
         self._positions = [position for position, _ in points]
         self._owners = [owner for _, owner in points]
 
@@ -153,11 +154,11 @@ class DualMapPolicy(Policy):
         mean and the minimum; a block that prompts went on from in `common_fanout` different ways ends the
         fleet's common prefix, and the prefix key starts after it."""
         if prefix_blocks < 1 or virtual_nodes < 1:
-            raise ValueError("prefix_blocks and virtual_nodes must be >= 1")
+            raise InputError("prefix_blocks and virtual_nodes must be >= 1")
         if hotspot_factor <= 1.0:
-            raise ValueError(f"hotspot_factor must be > 1, got {hotspot_factor}")
+            raise InputError(f"hotspot_factor must be > 1, got {hotspot_factor}")
         if common_fanout < 2:
-            raise ValueError(f"common_fanout must be >= 2, got {common_fanout}")
+            raise InputError(f"common_fanout must be >= 2, got {common_fanout}")
         self.prefix_blocks = prefix_blocks
         self.virtual_nodes = virtual_nodes
         self.ttft_slo_ms = ttft_slo_ms

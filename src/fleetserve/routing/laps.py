@@ -19,6 +19,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Literal
 
+from fleetserve.errors import InputError
 from fleetserve.routing.base import Decision, EngineView, FleetView, Policy, RequestInfo, require_candidates
 from fleetserve.routing.prefix import prompt_tokens
 from fleetserve.routing.ties import least_loaded
@@ -48,11 +49,11 @@ class LAPSPolicy(Policy):
     ) -> None:
         """`rebalance_ratio` 2 means: move an engine when one lane's backlog exceeds twice the other's."""
         if threshold < 1:
-            raise ValueError(f"threshold must be >= 1 token, got {threshold}")
+            raise InputError(f"threshold must be >= 1 token, got {threshold}")
         if not 0.0 < short_fraction < 1.0:
-            raise ValueError(f"short_fraction must be strictly between 0 and 1, got {short_fraction}")
+            raise InputError(f"short_fraction must be strictly between 0 and 1, got {short_fraction}")
         if rebalance_interval_s < 0 or rebalance_ratio <= 1.0:
-            raise ValueError("rebalance_interval_s must be >= 0 and rebalance_ratio > 1")
+            raise InputError("rebalance_interval_s must be >= 0 and rebalance_ratio > 1")
         self.threshold = threshold
         self.short_fraction = short_fraction
         self.rebalance_interval_s = rebalance_interval_s

@@ -16,6 +16,8 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from fleetserve.errors import InputError
+
 # Measured cost of one entry in CPython 3.11 (two dict slots, the int key, the float timestamp and the
 # mask int); benchmarks/prefix_index.py checks it against tracemalloc.
 BYTES_PER_ENTRY = 200
@@ -35,7 +37,7 @@ class PrefixIndex:
         self, *, max_entries: int = 1_000_000, max_bytes: int = 256 * 2**20, ttl_s: float = 600.0
     ) -> None:
         if max_entries < 1 or max_bytes < BYTES_PER_ENTRY or ttl_s <= 0:
-            raise ValueError("prefix index bounds must be positive")
+            raise InputError("prefix index bounds must be positive")
         self.capacity = min(max_entries, max_bytes // BYTES_PER_ENTRY)
         self.ttl_s = ttl_s
         self._masks: dict[int, int] = {}

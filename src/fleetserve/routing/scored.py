@@ -23,6 +23,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Mapping, Sequence
 
+from fleetserve.errors import InputError
 from fleetserve.routing.base import Decision, EngineView, FleetView, Policy, RequestInfo, require_candidates
 from fleetserve.routing.cache_aware import DEFAULT_MAX_BLOCKS, DEFAULT_MAX_BYTES, DEFAULT_TTL_S
 from fleetserve.routing.prefix import request_block_hashes
@@ -58,9 +59,9 @@ class ScoredPolicy(Policy):
         weights = dict(DEFAULT_WEIGHTS if scorers is None else scorers)
         unknown = sorted(set(weights) - set(SCORERS))
         if unknown:
-            raise ValueError(f"unknown scorer {', '.join(unknown)}; valid scorers: {', '.join(SCORERS)}")
+            raise InputError(f"unknown scorer {', '.join(unknown)}; valid scorers: {', '.join(SCORERS)}")
         if any(weight < 0 for weight in weights.values()) or not any(weights.values()):
-            raise ValueError("scorer weights must be >= 0 and at least one must be > 0")
+            raise InputError("scorer weights must be >= 0 and at least one must be > 0")
         self.weights = {name: float(weight) for name, weight in weights.items() if weight > 0}
         self.estimator = TTFTEstimator(max_entries=max_tree_size, max_bytes=max_bytes, ttl_s=ttl_s)
         self.residency = AdapterResidency()

@@ -16,6 +16,7 @@ import random
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
+from fleetserve.errors import InputError
 from fleetserve.routing.base import (
     Decision,
     EngineView,
@@ -96,7 +97,7 @@ class SLOAwarePolicy(Policy):
         seed: int | None = None,
     ) -> None:
         if ttft_slo_ms is not None and ttft_slo_ms <= 0:
-            raise ValueError(f"ttft_slo_ms must be > 0, got {ttft_slo_ms}")
+            raise InputError(f"ttft_slo_ms must be > 0, got {ttft_slo_ms}")
         self.ttft_slo_ms = ttft_slo_ms
         self.reject_when_unmeetable = reject_when_unmeetable
         self.estimator = TTFTEstimator(max_entries=max_tree_size, max_bytes=max_bytes, ttl_s=ttl_s)
@@ -145,7 +146,7 @@ class SessionPolicy(Policy):
 
     def __init__(self, *, virtual_nodes: int = 100, seed: int | None = None) -> None:
         if virtual_nodes < 1:
-            raise ValueError(f"virtual_nodes must be >= 1, got {virtual_nodes}")
+            raise InputError(f"virtual_nodes must be >= 1, got {virtual_nodes}")
         self.virtual_nodes = virtual_nodes
         self._rng = random.Random(seed)
         self._rings: OrderedDict[frozenset[str], HashRing] = OrderedDict()

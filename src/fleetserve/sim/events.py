@@ -11,6 +11,8 @@ from __future__ import annotations
 import heapq
 import math
 
+from fleetserve.errors import InternalError
+
 
 class VirtualClock:
     """Simulated seconds. Time only moves forward; going back is a simulator bug, not a user error."""
@@ -22,7 +24,7 @@ class VirtualClock:
 
     def advance_to(self, time: float) -> None:
         if time < self.now:
-            raise RuntimeError(f"virtual clock cannot go back from {self.now} to {time}")
+            raise InternalError(f"virtual clock cannot go back from {self.now} to {time}")
         self.now = time
 
 

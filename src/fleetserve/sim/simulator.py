@@ -34,6 +34,7 @@ from fleetserve.model.types import EngineRequest, StepResult
 from fleetserve.pipeline import Answer, Hold, Refuse, Refused, RequestPath, RequestSession
 from fleetserve.routing import Policy, make_policy
 from fleetserve.sim.actuator import SimActuator
+from fleetserve.sim.errors import SimInputError
 from fleetserve.sim.events import VirtualClock, WakeupQueue
 from fleetserve.sim.fleet import SimEngine, SimFleet, build_fleet
 from fleetserve.sim.metrics import SLO, RequestMetrics
@@ -87,6 +88,13 @@ class Simulator:
         self.fleet: SimFleet = build_fleet(
             config, catalog, may_start_empty=any(step.action == "start" for step in options.fleet_script)
         )
+        groups = {group.name for group in config.engines}
+        for step in options.fleet_script:
+            if step.action == "start" and step.target not in groups:
+                raise SimInputError(
+                    f"the fleet script starts an engine of group {step.target!r}, which the fleet file does"
+                    f" not define; groups: {', '.join(sorted(groups))}"
+                )
         self.slo = SLO(config.slo.ttft_ms / 1000.0, config.slo.tpot_ms / 1000.0)
         self.path = RequestPath(
             policy, config.stages(), ttft_slo_ms=config.slo.ttft_ms, tpot_slo_ms=config.slo.tpot_ms
@@ -107,12 +115,11 @@ class Simulator:
         self._adapter_requests = False
         self._step = StepResult()
         self._last_finish = -math.inf
-        groups = config.engines
         self._default_model = options.default_model or (
-            self.fleet.engines[0].group.model if self.fleet.engines else groups[0].model
+            self.fleet.engines[0].group.model if self.fleet.engines else config.engines[0].model
         )
         self._vocab_size = {engine.group.model: engine.vocab_size for engine in self.fleet.engines}
-        for group in groups:  # models only a fleet script brings
+        for group in config.engines:  # models only a fleet script brings
             if group.gpu is not None and group.model not in self._vocab_size:
                 with contextlib.suppress(UnknownEntry):
                     self._vocab_size[group.model] = self.fleet.catalog.model(group.model).vocab_size

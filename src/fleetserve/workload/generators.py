@@ -15,6 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
+from fleetserve.errors import InputError
 from fleetserve.workload.trace import DEFAULT_BLOCK_SIZE, TraceRequest, paused_gc
 
 ARRIVALS = ("poisson", "gamma")
@@ -85,19 +86,19 @@ def parse_length_spec(spec: str, *, side: str = "input") -> LengthDistribution:
         if kind == "uniform":
             low, high = (_positive_int(part) for part in rest.split(":"))
             if low > high:
-                raise ValueError(f"LOW {low} > HIGH {high}")
+                raise InputError(f"LOW {low} > HIGH {high}")
             return UniformLengths(low, high)
         if kind == "zipf":
             mean, _, theta = rest.partition(":")
             distribution = ZipfLengths(float(mean), float(theta) if theta else 1.0)
             if distribution.mean < 1 or distribution.theta < 0:
-                raise ValueError("need MEAN >= 1 and THETA >= 0")
+                raise InputError("need MEAN >= 1 and THETA >= 0")
             return distribution
         if kind == "empirical":
             return empirical_lengths(rest, side=side)
     except ValueError as error:
-        raise ValueError(f"bad length spec {spec!r}: {error}") from None
-    raise ValueError(
+        raise InputError(f"bad length spec {spec!r}: {error}") from None
+    raise InputError(
         f"bad length spec {spec!r}: expected fixed:N, uniform:LOW:HIGH, zipf:MEAN[:THETA] or empirical:TRACE"
     )
 
@@ -105,7 +106,7 @@ def parse_length_spec(spec: str, *, side: str = "input") -> LengthDistribution:
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
-        raise ValueError(f"{value} is not >= 1")
+        raise InputError(f"{value} is not >= 1")
     return value
 
 
@@ -114,10 +115,10 @@ def empirical_lengths(path: str | Path, *, side: str = "input") -> EmpiricalLeng
     from fleetserve.workload.readers import read_trace
 
     if side not in ("input", "output"):
-        raise ValueError(f"side must be 'input' or 'output', not {side!r}")
+        raise InputError(f"side must be 'input' or 'output', not {side!r}")
     requests = read_trace(path)
     if not requests:
-        raise ValueError(f"trace {path} holds no requests")
+        raise InputError(f"trace {path} holds no requests")
     attribute = "input_length" if side == "input" else "output_length"
     return EmpiricalLengths(np.fromiter((getattr(r, attribute) for r in requests), np.int64, len(requests)))
 
@@ -126,7 +127,7 @@ def arrival_gaps(rng: np.random.Generator, count: int, rate: float, burstiness: 
     """`count` inter-arrival gaps in seconds with mean 1/rate from a Gamma(shape=burstiness) renewal
     process: CV^2 = 1/burstiness, so 1 is Poisson, below 1 burstier, above 1 smoother."""
     if rate <= 0 or burstiness <= 0:
-        raise ValueError("rate and burstiness must be > 0")
+        raise InputError("rate and burstiness must be > 0")
     return rng.gamma(burstiness, 1.0 / (rate * burstiness), size=count)
 
 
@@ -165,29 +166,29 @@ class WorkloadSpec:
 
     def validate(self) -> None:
         if (self.num_requests is None) == (self.duration_s is None):
-            raise ValueError("give exactly one of num_requests and duration_s")
+            raise InputError("give exactly one of num_requests and duration_s")
         if self.num_requests is not None and self.num_requests < 0:
-            raise ValueError("num_requests must be >= 0")
+            raise InputError("num_requests must be >= 0")
         if self.duration_s is not None and self.duration_s <= 0:
-            raise ValueError("duration_s must be > 0")
+            raise InputError("duration_s must be > 0")
         if self.arrival not in ARRIVALS:
-            raise ValueError(f"arrival must be one of {ARRIVALS}, not {self.arrival!r}")
+            raise InputError(f"arrival must be one of {ARRIVALS}, not {self.arrival!r}")
         if self.arrival == "poisson" and self.burstiness != 1.0:
-            raise ValueError("burstiness applies to gamma arrivals; poisson is burstiness 1")
+            raise InputError("burstiness applies to gamma arrivals; poisson is burstiness 1")
         if self.rate <= 0 or self.burstiness <= 0:
-            raise ValueError("rate and burstiness must be > 0")
+            raise InputError("rate and burstiness must be > 0")
         if self.turns < 1 or self.think_time_s < 0:
-            raise ValueError("turns must be >= 1 and think_time_s >= 0")
+            raise InputError("turns must be >= 1 and think_time_s >= 0")
         if self.tenants < 0 or self.adapters < 0 or self.system_prompt_tokens < 0:
-            raise ValueError("tenants, adapters and system_prompt_tokens must be >= 0")
+            raise InputError("tenants, adapters and system_prompt_tokens must be >= 0")
         if self.system_prompt_tokens and not self.tenants:
-            raise ValueError("a system prompt is shared per tenant: set tenants >= 1")
+            raise InputError("a system prompt is shared per tenant: set tenants >= 1")
         if not 0 <= self.adapter_fraction <= 1:
-            raise ValueError("adapter_fraction must be within [0, 1]")
+            raise InputError("adapter_fraction must be within [0, 1]")
         if self.block_size < 1 or self.max_input_length < 1 or self.max_output_length < 1:
-            raise ValueError("block_size and the maximum lengths must be >= 1")
+            raise InputError("block_size and the maximum lengths must be >= 1")
         if any(weight <= 0 for _, weight in self.models):
-            raise ValueError("model weights must be > 0")
+            raise InputError("model weights must be > 0")
 
 
 def generate(spec: WorkloadSpec) -> list[TraceRequest]:

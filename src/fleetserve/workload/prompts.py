@@ -14,6 +14,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from fleetserve.errors import InputError
 from fleetserve.workload.trace import TraceRequest
 
 DEFAULT_VOCAB_SIZE = 32000
@@ -95,7 +96,7 @@ def prompt_token_ids(
     are unique to (`seed`, `index`). `first_token_id` keeps low ids (often special tokens) out.
     """
     if not 0 <= first_token_id < vocab_size:
-        raise ValueError(f"need 0 <= first_token_id < vocab_size, got {first_token_id} and {vocab_size}")
+        raise InputError(f"need 0 <= first_token_id < vocab_size, got {first_token_id} and {vocab_size}")
     length = request.input_length
     block_size = request.hash_block_size
     hash_ids = request.hash_ids or ()

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 
+from fleetserve.errors import InputError
 from fleetserve.workload.trace import TraceFormatError, TraceRequest, paused_gc, read_jsonl
 
 FORMATS = ("jsonl", "azure", "burstgpt", "vidur", "splitwise")
@@ -113,7 +114,7 @@ def _length(text: str) -> int:
     except ValueError:
         value = round(float(text))
     if value < 0:
-        raise ValueError(f"negative token count {text}")
+        raise InputError(f"negative token count {text}")
     return value
 
 

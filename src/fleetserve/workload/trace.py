@@ -18,13 +18,15 @@ from typing import Any
 
 import orjson
 
+from fleetserve.errors import InputError
+
 DEFAULT_BLOCK_SIZE = 512
 
 # Optional string labels: written only when set, read back as given.
 LABEL_FIELDS = ("model", "adapter", "tenant", "session", "category")
 
 
-class TraceFormatError(ValueError):
+class TraceFormatError(InputError):
     """A trace file could not be read; the message names the file and, where known, the line."""
 
     def __init__(self, path: str | Path, message: str, line: int | None = None) -> None:
@@ -92,9 +94,9 @@ def request_from_json_dict(record: dict[str, Any]) -> TraceRequest:
         request.category = _optional_str(record.get("category"))
         request.priority = int(record.get("priority", 0))
     if request.input_length < 0 or request.output_length < 0:
-        raise ValueError("lengths must be >= 0")
+        raise InputError("lengths must be >= 0")
     if request.hash_block_size <= 0:
-        raise ValueError("hash_block_size must be > 0")
+        raise InputError("hash_block_size must be > 0")
     return request
 
 

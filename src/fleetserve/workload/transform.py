@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fleetserve.errors import InputError
 from fleetserve.workload.trace import TraceRequest
 
 
@@ -54,7 +55,7 @@ def time_window(
     start_ms = 0.0 if start_s is None else start_s * 1000.0
     end_ms = float("inf") if end_s is None else end_s * 1000.0
     if end_ms <= start_ms:
-        raise ValueError(f"empty time window: end {end_s} s is not after start {start_s} s")
+        raise InputError(f"empty time window: end {end_s} s is not after start {start_s} s")
     return [
         dataclasses.replace(request, timestamp_ms=request.timestamp_ms - start_ms)
         for request in requests
@@ -66,7 +67,7 @@ def sample(requests: Sequence[TraceRequest], fraction: float, *, seed: int = 0) 
     """Keep about `fraction` of the requests, the same ones for the same trace and seed. Sessions are kept
     or dropped whole, so a kept conversation keeps all its turns and its shared prefix."""
     if not 0 <= fraction <= 1:
-        raise ValueError(f"sample fraction must be within [0, 1], got {fraction}")
+        raise InputError(f"sample fraction must be within [0, 1], got {fraction}")
     # A unit is a session, or a request that belongs to none; each unit gets one draw.
     unit_of_session: dict[str, int] = {}
     units = np.empty(len(requests), dtype=np.int64)
@@ -87,7 +88,7 @@ def sample(requests: Sequence[TraceRequest], fraction: float, *, seed: int = 0) 
 def scale_rate(requests: Sequence[TraceRequest], factor: float) -> list[TraceRequest]:
     """Multiply the arrival rate by `factor` by dividing every timestamp by it."""
     if factor <= 0:
-        raise ValueError(f"rate scale must be > 0, got {factor}")
+        raise InputError(f"rate scale must be > 0, got {factor}")
     return [dataclasses.replace(request, timestamp_ms=request.timestamp_ms / factor) for request in requests]
 
 
@@ -96,12 +97,12 @@ def scale_lengths(requests: Sequence[TraceRequest], factor: float) -> list[Trace
     too, so every block id still covers the same share of the prompt and the prefix sharing is unchanged;
     this needs block_size * factor to be a whole number."""
     if factor <= 0:
-        raise ValueError(f"length scale must be > 0, got {factor}")
+        raise InputError(f"length scale must be > 0, got {factor}")
     scaled: list[TraceRequest] = []
     for request in requests:
         block_size = request.hash_block_size * factor
         if request.hash_ids is not None and (block_size < 1 or not float(block_size).is_integer()):
-            raise ValueError(
+            raise InputError(
                 f"length scale {factor} turns the {request.hash_block_size}-token hash blocks into "
                 f"{block_size}-token blocks; pick a factor that keeps them whole"
             )
@@ -123,7 +124,7 @@ def clip_lengths(
     A clipped prompt keeps the hash blocks that still fit in it whole, so it keeps its shared prefix."""
     for name, value in (("max input", max_input), ("max output", max_output)):
         if value is not None and value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
+            raise InputError(f"{name} must be at least 1, got {value}")
     clipped: list[TraceRequest] = []
     for request in requests:
         input_length = request.input_length if max_input is None else min(request.input_length, max_input)
@@ -144,5 +145,5 @@ def clip_lengths(
 def limit(requests: Sequence[TraceRequest], count: int) -> list[TraceRequest]:
     """The first `count` requests."""
     if count < 0:
-        raise ValueError(f"limit must be >= 0, got {count}")
+        raise InputError(f"limit must be >= 0, got {count}")
     return list(requests[:count])

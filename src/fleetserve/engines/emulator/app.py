@@ -36,6 +36,7 @@ from fleetserve.engines.emulator.text import (
     request_seed,
     words_until_stop,
 )
+from fleetserve.errors import InputError
 from fleetserve.model.catalog import Catalog, default_catalog
 from fleetserve.model.cost import CostModel
 from fleetserve.model.engine import EngineModel, RequestRejected, SchedulerConfig
@@ -83,7 +84,7 @@ class EmulatorSpec:
 class EmulatedEngine:
     def __init__(self, spec: EmulatorSpec, catalog: Catalog | None = None) -> None:
         if spec.stream_interval < 1:
-            raise ValueError(f"stream_interval must be at least 1, got {spec.stream_interval}")
+            raise InputError(f"stream_interval must be at least 1, got {spec.stream_interval}")
         catalog = catalog or (Catalog.load(spec.catalog_file) if spec.catalog_file else default_catalog())
         self.spec = spec
         self.model_spec = catalog.model(spec.model)
@@ -178,7 +179,7 @@ class EmulatedEngine:
             )
         try:
             self.driver.apply(lambda now: self.engine.load_adapter(name, now))
-        except ValueError as error:
+        except InputError as error:
             raise APIError(400, str(error), error_type="BadRequestError") from None
         self.adapters[name] = path
 
@@ -187,7 +188,7 @@ class EmulatedEngine:
             raise APIError(404, f"The lora adapter '{name}' cannot be found.", error_type="NotFoundError")
         try:
             self.driver.apply(lambda now: self.engine.unload_adapter(name))
-        except ValueError as error:
+        except InputError as error:
             raise APIError(400, str(error), error_type="BadRequestError") from None
         del self.adapters[name]
 

@@ -19,6 +19,7 @@ import logging
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
+from fleetserve.errors import FleetserveError, InputError
 from fleetserve.model.types import EngineRequest, StepResult, TokenOutput
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class SteppableEngine(Protocol):
     def advance(self, until: float) -> StepResult: ...
 
 
-class EngineFailed(RuntimeError):
+class EngineFailed(FleetserveError, RuntimeError):
     """The engine model raised; every request in flight receives this instead of tokens."""
 
 
@@ -53,7 +54,7 @@ class EngineDriver:
         on_step: Callable[[StepResult], None] | None = None,
     ) -> None:
         if time_scale <= 0:
-            raise ValueError(f"time_scale must be positive, got {time_scale}")
+            raise InputError(f"time_scale must be positive, got {time_scale}")
         self.engine = engine
         self.time_scale = time_scale
         self._on_step = on_step

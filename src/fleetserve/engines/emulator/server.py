@@ -21,6 +21,7 @@ from starlette.types import Receive, Scope, Send
 from fleetserve.config import FleetConfig
 from fleetserve.engines.emulator.app import EmulatedEngine, EmulatorSpec, KVEventsSpec
 from fleetserve.engines.emulator.kv_events import kv_event_endpoints
+from fleetserve.errors import InputError, InternalError
 
 SHUTDOWN_GRACE_S = 2.0
 
@@ -83,7 +84,7 @@ class _PortDispatcher:
         server = scope.get("server")
         app = self._apps.get(server[1]) if server else None
         if app is None:
-            raise RuntimeError(f"no emulated engine listens on {server}")
+            raise InternalError(f"no emulated engine listens on {server}")
         await app(scope, receive, send)
 
 
@@ -128,7 +129,7 @@ async def serve_engines(
     """Run the engines until `stop` is set or the process gets SIGINT/SIGTERM. Port 0 picks a free port;
     `on_ready` is called per engine once its socket accepts connections (default: print a ready line)."""
     if len(specs) != len(ports):
-        raise ValueError("one port per engine")
+        raise InputError("one port per engine")
     engines = [EmulatedEngine(spec) for spec in specs]
     sockets: list[socket.socket] = []
     try:

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+from fleetserve.errors import InputError
 from fleetserve.protocol.tokenizer import Tokenizer
 
 _WORD_LIST = """
@@ -71,7 +72,7 @@ class Vocabulary:
             known = {word for word, _ in single}
             single += [(w, tokenizer.encode(w)[0]) for w in tokenizer.word_tokens() if w not in known]
         if len(single) < 2:
-            raise ValueError("the tokenizer has fewer than two words that are one token each")
+            raise InputError("the tokenizer has fewer than two words that are one token each")
         return cls(tuple(word for word, _ in single), tuple(token for _, token in single))
 
 
