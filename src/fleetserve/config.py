@@ -141,13 +141,16 @@ class EngineGroup(_Strict):
 
     @model_validator(mode="after")
     def _check_kind(self) -> EngineGroup:
-        if self.kind == "external" and not self.url:
-            raise ValueError("an external engine needs a url")
-        if self.kind != "external" and self.url:
+        from fleetserve.engines.kinds import ENGINE_KINDS  # a table with no imports of its own: no cycle
+
+        kind = ENGINE_KINDS[self.kind]
+        if not kind.launched and not self.url:
+            raise ValueError(f"an {self.kind} engine needs a url")
+        if kind.launched and self.url:
             raise ValueError(f"a {self.kind} engine is launched by fleetserve and takes no url")
-        if self.kind == "external" and self.replicas != 1:
-            raise ValueError("an external engine is one url: use one line per engine")
-        if self.kind in ("emulated", "vllm", "sglang") and not self.gpu:
+        if not kind.launched and self.replicas != 1:
+            raise ValueError(f"an {self.kind} engine is one url: use one line per engine")
+        if kind.needs_gpu and not self.gpu:
             raise ValueError(f"a {self.kind} engine needs a gpu")
         return self
 
@@ -376,12 +379,14 @@ class FleetConfig(_Strict):
 
     def instances(self) -> list[EngineInstance]:
         """Every engine replica with its id and, for emulated and launched engines, its port."""
+        from fleetserve.engines.kinds import ENGINE_KINDS
+
         out: list[EngineInstance] = []
         next_port = self.emulator.base_port
         for group in self.engines:
             for index in range(group.replicas):
                 engine_id = group.name if group.replicas == 1 else f"{group.name}-{index}"
-                if group.kind == "external":
+                if not ENGINE_KINDS[group.kind].launched:
                     out.append(EngineInstance(engine_id, group, None, group.url or ""))
                     continue
                 if group.port is not None:
@@ -437,6 +442,8 @@ class EngineInstance:
 
     def description(self) -> EngineDescription:
         """How the gateway registers this replica."""
+        from fleetserve.engines.kinds import ENGINE_KINDS
+
         group = self.group
         endpoints = self.kv_event_endpoints()
         return EngineDescription(
@@ -449,7 +456,7 @@ class EngineInstance:
             adapters=tuple(group.adapters),
             block_size=group.engine_args.block_size,
             max_loras=group.engine_args.max_loras,
-            time_scale=group.time_scale if group.kind == "emulated" else 1.0,
+            time_scale=group.time_scale if ENGINE_KINDS[group.kind].has_time_scale else 1.0,
             forward_auth=group.forward_auth,
             kv_events_endpoint=None if endpoints is None else endpoints[0],
             kv_replay_endpoint=None if endpoints is None else endpoints[1],

@@ -13,13 +13,14 @@ import pytest
 from fleetserve.config import EngineInstance, kv_event_ports, parse_fleet
 from fleetserve.engines import smollm2
 from fleetserve.engines.commands import (
-    engine_spec,
-    launched_specs,
     llamacpp_argv,
     llamacpp_replicas,
+    llamacpp_spec,
     sglang_argv,
     vllm_argv,
 )
+from fleetserve.engines.fleet import LaunchError, replica_spec
+from fleetserve.engines.kinds import ENGINE_KINDS
 from fleetserve.model.catalog import default_catalog
 
 FLEET = """
@@ -189,7 +190,15 @@ def test_adapters_without_lora_slots_are_refused() -> None:
 
 
 def test_launched_specs_cover_real_engines_only_with_health_checks_and_lora_env() -> None:
-    specs = {spec.name: spec for spec in launched_specs(parse_fleet(FLEET))}
+    fleet = parse_fleet(FLEET)
+    specs = {
+        spec.name: spec
+        for spec in (
+            replica_spec(fleet, instance, Path("/nonexistent"))
+            for instance in fleet.instances()
+            if ENGINE_KINDS[instance.group.kind].launch_spec is not None
+        )
+    }
     assert sorted(specs) == ["big-0", "big-1", "cpu", "plain"]
     assert specs["big-0"].url == "http://127.0.0.1:8200"
     assert specs["big-0"].ready_path == "/health"
@@ -206,16 +215,30 @@ def test_llamacpp_group_with_a_gguf_path_loads_that_file(tmp_path: Path) -> None
     weights = tmp_path / "tiny.gguf"
     weights.write_bytes(b"GGUF")
     fleet = parse_fleet(f"engines: [{{name: t, kind: llamacpp, model: {weights}, port: 8400}}]")
-    spec = engine_spec(fleet.instances()[0])
+    spec = llamacpp_spec(fleet.instances()[0])
     assert value(spec.argv, "--model") == str(weights)
     missing = parse_fleet("engines: [{name: t, kind: llamacpp, model: /nope/missing.gguf}]").instances()[0]
     with pytest.raises(FileNotFoundError, match=r"missing\.gguf"):
-        engine_spec(missing)
+        llamacpp_spec(missing)
+    with pytest.raises(LaunchError, match=r"cannot launch engine t \(llamacpp\): GGUF model file not found"):
+        replica_spec(
+            parse_fleet("engines: [{name: t, kind: llamacpp, model: /nope/m.gguf}]"), missing, tmp_path
+        )
 
 
-def test_emulated_and_external_engines_have_no_launch_command() -> None:
-    with pytest.raises(ValueError, match="emulated"):
-        engine_spec(instances()["sim"])
+def test_an_emulated_replica_started_alone_gets_a_process_and_fleet_file_of_its_own(tmp_path: Path) -> None:
+    fleet = parse_fleet(FLEET)
+    sim = instances()["sim"]
+    spec = replica_spec(fleet, sim, tmp_path)
+    assert spec.name == "sim" and spec.port == sim.port and spec.ready_path == "/health"
+    alone = parse_fleet((tmp_path / "sim.yaml").read_text())
+    assert [(i.engine_id, i.port) for i in alone.instances()] == [("sim", sim.port)]
+
+
+def test_external_engines_are_not_started() -> None:
+    fleet = parse_fleet("engines: [{name: x, url: 'http://127.0.0.1:9', model: m}]")
+    with pytest.raises(LaunchError, match="external: fleetserve does not start it"):
+        replica_spec(fleet, fleet.instances()[0], Path("/nonexistent"))
 
 
 def test_smollm2_gguf_is_found_in_the_installed_package() -> None:

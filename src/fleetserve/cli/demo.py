@@ -40,15 +40,16 @@ from rich.table import Table
 from fleetserve.bench import SLO, BenchConfig, BenchResult, run_bench
 from fleetserve.bench.client import RequestRecord
 from fleetserve.cli.console import make_console
-from fleetserve.cli.serve import (
+from fleetserve.config import ConfigError, EngineGroup, FleetConfig, load_fleet, parse_fleet
+from fleetserve.engines.fleet import (
     DEFAULT_READY_TIMEOUT_S,
     LaunchError,
     busy_ports,
-    describe,
+    describe_launch,
     engine_ports,
     launch_engines,
 )
-from fleetserve.config import ConfigError, EngineGroup, FleetConfig, load_fleet, parse_fleet
+from fleetserve.engines.kinds import ENGINE_KINDS
 from fleetserve.engines.smollm2 import SMOLLM2_ALIAS
 from fleetserve.fleet.state import EngineState
 from fleetserve.gateway.app import Gateway
@@ -264,7 +265,7 @@ def with_free_engine_ports(config: FleetConfig) -> FleetConfig:
     sequential = sum(
         1
         for instance in config.instances()
-        if instance.group.kind != "external" and instance.group.port is None
+        if ENGINE_KINDS[instance.group.kind].launched and instance.group.port is None
     )
     return config.with_engine_base_port(free_port_block(host, sequential, avoid=config.gateway.port))
 
@@ -327,8 +328,8 @@ async def run_demo(
     engines = f"{count} engine{'s' if count != 1 else ''}"
     console.print(f"[bold]fleetserve demo[/]: starting {engines} ({mix}) serving {bench.model}")
     async with launch_engines(config, ready_timeout=timeout) as launched:
-        for engine in launched:
-            console.print("  " + describe(config, engine))
+        for engine in launched.engines:
+            console.print("  " + describe_launch(config, engine))
         gateway = Gateway(config, policy=policy)
         async with serving(config, gateway) as running:
             url = running.url

@@ -2,6 +2,7 @@
 the same for the live fleet and the simulated one. Pure: no I/O, no clock reads, no asyncio."""
 
 from fleetserve.control.actuator import (
+    CannotStart,
     EngineChange,
     EngineEvent,
     FleetActuator,
@@ -13,6 +14,7 @@ from fleetserve.control.actuator import (
 )
 
 __all__ = [
+    "CannotStart",
     "EngineChange",
     "EngineEvent",
     "FleetActuator",

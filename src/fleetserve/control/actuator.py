@@ -18,7 +18,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from fleetserve.errors import InputError
+from fleetserve.errors import FleetserveError, InputError
 
 
 class EngineEvent(enum.Enum):
@@ -47,6 +47,10 @@ class UnknownEngine(InputError, LookupError):
     """No engine of the fleet has that id."""
 
 
+class CannotStart(FleetserveError):
+    """This machine cannot start an engine of that group (a program is missing, no port is free...)."""
+
+
 class FleetActuator(ABC):
     """Starts, drains and stops engines of the fleet file's groups."""
 
@@ -63,7 +67,8 @@ class FleetActuator(ABC):
 
     @abstractmethod
     def start(self, group: str, now: float) -> str:
-        """Start one more engine of `group`; returns its id (see `next_engine_id`). Raises UnknownGroup."""
+        """Start one more engine of `group`; returns its id (see `next_engine_id`). Raises UnknownGroup,
+        or CannotStart when this machine cannot run it."""
 
     @abstractmethod
     def drain(self, engine_id: str, now: float, timeout_s: float | None = None) -> None:
@@ -73,6 +78,10 @@ class FleetActuator(ABC):
     @abstractmethod
     def stop(self, engine_id: str, now: float) -> None:
         """Stop the engine now; requests still on it fail. Raises UnknownEngine."""
+
+    @abstractmethod
+    def manages(self, engine_id: str) -> bool:
+        """Whether this actuator started the engine (and so `stop` ends it, not just unregisters it)."""
 
 
 def next_engine_id(group: str, taken: Collection[str]) -> str:

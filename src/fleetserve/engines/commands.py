@@ -13,13 +13,12 @@ import json
 import sys
 from pathlib import Path
 
-from fleetserve.config import EngineGroup, EngineInstance, FleetConfig, kv_event_ports
+from fleetserve.config import EngineGroup, EngineInstance, kv_event_ports
+from fleetserve.engines.kinds import ENGINE_KINDS
 from fleetserve.engines.launcher import EngineSpec
 from fleetserve.engines.smollm2 import smollm2_gguf_path
 from fleetserve.errors import InputError
 from fleetserve.model.catalog import UnknownEntry, default_catalog
-
-LAUNCHED_KINDS = ("llamacpp", "vllm", "sglang")
 
 DEFAULT_N_CTX = 2048
 
@@ -138,32 +137,33 @@ def sglang_argv(
     return tuple(argv)
 
 
-def engine_spec(
+def llamacpp_spec(
     instance: EngineInstance, *, host: str = "127.0.0.1", n_ctx: int = DEFAULT_N_CTX, n_threads: int = 1
 ) -> EngineSpec:
-    """The launch spec of one replica of a llamacpp, vllm or sglang group."""
+    """How to start one replica of a llamacpp group."""
     group, port = instance.group, _port(instance)
-    if group.kind == "llamacpp":
-        argv = llamacpp_argv(
-            llamacpp_weights(group.model), alias=group.model, host=host, port=port, n_ctx=n_ctx,
-            n_threads=n_threads,
-        )  # fmt: skip
-        return EngineSpec(instance.engine_id, argv, port, host)
-    if group.kind == "vllm":
-        env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if group.adapters else {}
-        return EngineSpec(instance.engine_id, vllm_argv(instance, host=host), port, host, "/health", env)
-    if group.kind == "sglang":
-        return EngineSpec(instance.engine_id, sglang_argv(instance, host=host), port, host, "/health")
-    raise InputError(f"engine {instance.engine_id} is {group.kind}; fleetserve launches {LAUNCHED_KINDS}")
+    argv = llamacpp_argv(
+        llamacpp_weights(group.model),
+        alias=group.model,
+        host=host,
+        port=port,
+        n_ctx=n_ctx,
+        n_threads=n_threads,
+    )
+    return EngineSpec(instance.engine_id, argv, port, host, ENGINE_KINDS["llamacpp"].ready_path)
 
 
-def launched_specs(config: FleetConfig) -> list[EngineSpec]:
-    """Launch specs for every replica the fleet file asks fleetserve to start as a real engine."""
-    return [
-        engine_spec(instance, host=config.emulator.host)
-        for instance in config.instances()
-        if instance.group.kind in LAUNCHED_KINDS
-    ]
+def vllm_spec(instance: EngineInstance, *, host: str = "127.0.0.1") -> EngineSpec:
+    """How to start one replica of a vllm group."""
+    env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if instance.group.adapters else {}
+    port, ready = _port(instance), ENGINE_KINDS["vllm"].ready_path
+    return EngineSpec(instance.engine_id, vllm_argv(instance, host=host), port, host, ready, env)
+
+
+def sglang_spec(instance: EngineInstance, *, host: str = "127.0.0.1") -> EngineSpec:
+    """How to start one replica of an sglang group."""
+    port, ready = _port(instance), ENGINE_KINDS["sglang"].ready_path
+    return EngineSpec(instance.engine_id, sglang_argv(instance, host=host), port, host, ready)
 
 
 def llamacpp_replicas(

@@ -3,7 +3,7 @@ change, so what is derived from the set (views, the model listing, capacities) c
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from fleetserve.errors import InputError
 from fleetserve.fleet.state import EngineState
@@ -17,6 +17,12 @@ class EngineRegistry:
     def __init__(self) -> None:
         self._engines: dict[str, EngineState] = {}
         self.version = 0  # bumped on every membership or health change, so derived views can be cached
+        self._listeners: list[Callable[[], None]] = []
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call `listener` after every membership or health change (an engine joined: held requests
+        may go on)."""
+        self._listeners.append(listener)
 
     def add(self, engine: EngineState) -> None:
         if engine.engine_id in self._engines:
@@ -45,6 +51,8 @@ class EngineRegistry:
 
     def changed(self) -> None:
         self.version += 1
+        for listener in self._listeners:
+            listener()
 
     def routable(self) -> Iterable[EngineState]:
         return (engine for engine in self._engines.values() if engine.health.routable)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -19,6 +20,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fleetserve.config import EngineDescription
+from fleetserve.control import CannotStart, UnknownGroup
 from fleetserve.fleet.state import EngineState
 from fleetserve.gateway.app import Gateway
 from fleetserve.protocol.errors import error_body
@@ -57,8 +59,16 @@ def admin_app(gateway: Gateway, token: str | None = None) -> Starlette:
         return JSONResponse({"engines": [describe(engine) for engine in gateway.registry.engines()]})
 
     async def add_engine(request: Request) -> Response:
+        """A body with a `url` registers that engine; `{"group": NAME}` asks fleetserve to start one."""
+        body = await request.body()
         try:
-            spec = EngineDescription.model_validate_json(await request.body())
+            start = StartEngine.model_validate_json(body)
+        except ValidationError:
+            start = None
+        if start is not None:
+            return _start(gateway, start.group)
+        try:
+            spec = EngineDescription.model_validate_json(body)
         except ValidationError as exc:
             return JSONResponse(error_body(400, _first_error(exc)), status_code=400)
         if spec.id in gateway.registry:
@@ -66,20 +76,83 @@ def admin_app(gateway: Gateway, token: str | None = None) -> Starlette:
         return JSONResponse(describe(gateway.add_engine(spec)), status_code=201)
 
     async def remove_engine(request: Request) -> Response:
+        """Unregister the engine; one fleetserve started is also stopped (its process ends)."""
+        engine_id = request.path_params["engine_id"]
+        engine = gateway.registry.get(engine_id)
+        if engine is None:
+            return JSONResponse(error_body(404, f"no engine {engine_id!r}"), status_code=404)
+        actuator = gateway.actuator
+        if actuator is not None and actuator.manages(engine_id):
+            actuator.stop(engine_id, time.monotonic())
+            return JSONResponse({**describe(engine), "state": "stopping"})
+        return JSONResponse(describe(gateway.remove_engine(engine_id)))
+
+    async def drain_engine(request: Request) -> Response:
+        """Send the engine no new requests; stop it once those on it finish (or after timeout_s)."""
         engine_id = request.path_params["engine_id"]
         if engine_id not in gateway.registry:
             return JSONResponse(error_body(404, f"no engine {engine_id!r}"), status_code=404)
-        return JSONResponse(describe(gateway.remove_engine(engine_id)))
+        try:
+            drain = Drain.model_validate_json(await request.body() or b"{}")
+        except ValidationError as exc:
+            return JSONResponse(error_body(400, _first_error(exc)), status_code=400)
+        if gateway.actuator is None:
+            return _cannot_start()
+        gateway.actuator.drain(engine_id, time.monotonic(), drain.timeout_s)
+        return JSONResponse(describe(gateway.registry.get(engine_id) or _gone(engine_id)), status_code=202)
 
     return Starlette(
         routes=[
             Route("/engines", list_engines, methods=["GET"]),
             Route("/engines", add_engine, methods=["POST"]),
             Route("/engines/{engine_id}", remove_engine, methods=["DELETE"]),
+            Route("/engines/{engine_id}/drain", drain_engine, methods=["POST"]),
         ],
         middleware=[Middleware(_TokenCheck, expected=expected)],
         exception_handlers={404: _not_found, 405: _not_allowed, Exception: _internal_error},
     )
+
+
+class StartEngine(BaseModel):
+    """`POST /engines` body that asks fleetserve to start one more engine of a fleet-file group."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    group: str = Field(min_length=1, description="An engine group of the fleet file.")
+
+
+class Drain(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    timeout_s: float | None = Field(
+        None,
+        ge=0,
+        description="Stop the engine after this long even if requests remain (default: the"
+        " fleet file's gateway.drain_timeout_s).",
+    )
+
+
+def _start(gateway: Gateway, group: str) -> Response:
+    if gateway.actuator is None:
+        return _cannot_start()
+    try:
+        engine_id = gateway.actuator.start(group, time.monotonic())
+    except UnknownGroup as exc:
+        return JSONResponse(error_body(404, str(exc)), status_code=404)
+    except CannotStart as exc:
+        return JSONResponse(error_body(503, str(exc)), status_code=503)
+    return JSONResponse({"id": engine_id, "group": group, "state": "starting"}, status_code=202)
+
+
+def _cannot_start() -> Response:
+    message = (
+        "this gateway does not start or drain engines (it was started with --no-launch, or without serve)"
+    )
+    return JSONResponse(error_body(409, message), status_code=409)
+
+
+def _gone(engine_id: str) -> dict[str, Any]:
+    return {"id": engine_id, "state": "gone"}
 
 
 class _TokenCheck:

@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 
 from fleetserve.config import EngineDescription, FleetConfig
+from fleetserve.control import FleetActuator
 from fleetserve.errors import InternalError
 from fleetserve.fleet.health import HealthChecker
 from fleetserve.fleet.kv_events import KVEventHub
@@ -72,6 +73,8 @@ class Gateway:
             router.debug_header,
             tokenizer=PromptTokenizer(catalog or default_catalog(), config.model_tokenizers()),
         )
+        # starts, drains and stops engines for the admin API; set by whoever can launch them (`serve`)
+        self.actuator: FleetActuator | None = None
         self._session: aiohttp.ClientSession | None = None
         self._incidents = itertools.count(1)
         self._health: HealthChecker | None = None
@@ -104,6 +107,21 @@ class Gateway:
         if self._health is not None:
             self._health.wake()
         return engine
+
+    def set_draining(self, engine_id: str) -> None:
+        """Send the engine no new requests; those on it finish."""
+        engine = self.registry.get(engine_id)
+        if engine is not None and not engine.draining:
+            engine.draining = True
+            self.registry.changed()
+
+    def in_flight(self, engine_id: str) -> int | None:
+        """Requests on the engine now; None when no such engine is registered."""
+        engine = self.registry.get(engine_id)
+        return None if engine is None else engine.in_flight
+
+    def engine_ids(self) -> list[str]:
+        return [engine.engine_id for engine in self.registry.engines()]
 
     def remove_engine(self, engine_id: str) -> EngineState:
         """Stop routing to the engine; requests already on it finish."""

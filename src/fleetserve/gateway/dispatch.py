@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
@@ -84,6 +85,7 @@ class Dispatcher:
         *,
         stages: Sequence[Stage] = (),
         slo: SLOConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._router = router
         self._registry = registry
@@ -100,6 +102,9 @@ class Dispatcher:
         )
         self._request_ids = itertools.count()
         self._wakeups: dict[str, asyncio.Future[None]] = {}  # held request id -> resolved on release
+        self._clock = clock
+        if self.path.stages:  # an engine joined or became healthy: held requests may go on
+            registry.on_change(lambda: self._release(self._clock()))
 
     def next_request_id(self) -> str:
         return f"fs-{next(self._request_ids)}"
@@ -167,10 +172,6 @@ class Dispatcher:
     def finished(self, session: RequestSession, now: float, status: int, latency_s: float) -> None:
         """The request has ended; requests its end makes room for go on."""
         session.finished(now, status, 0, latency_s)
-        self._release(now)
-
-    def release_held(self, now: float) -> None:
-        """Wake the requests a stage lets go on now (after an engine joined, for one)."""
         self._release(now)
 
     def _refused(self, refusal: Refuse) -> APIError:

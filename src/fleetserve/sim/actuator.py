@@ -84,6 +84,9 @@ class SimActuator(FleetActuator):
         self._sim.engine_stopped(engine, now)
         self._gone(engine, now)
 
+    def manages(self, engine_id: str) -> bool:
+        return any(engine.engine_id == engine_id for engine in self._sim.fleet.live())
+
     def _gone(self, engine: SimEngine, now: float) -> None:
         self._sim.fleet.set_state(engine, EngineEvent.GONE, now)
         self._emit(EngineChange(engine.engine_id, engine.group.name, EngineEvent.GONE, now))
