@@ -14,8 +14,8 @@ from fleetserve.config import EngineInstance, kv_event_ports, parse_fleet
 from fleetserve.engines import smollm2
 from fleetserve.engines.commands import (
     llamacpp_argv,
+    llamacpp_replica_argv,
     llamacpp_replicas,
-    llamacpp_spec,
     sglang_argv,
     vllm_argv,
 )
@@ -196,7 +196,7 @@ def test_launched_specs_cover_real_engines_only_with_health_checks_and_lora_env(
         for spec in (
             replica_spec(fleet, instance, Path("/nonexistent"))
             for instance in fleet.instances()
-            if ENGINE_KINDS[instance.group.kind].launch_spec is not None
+            if ENGINE_KINDS[instance.group.kind].argv is not None
         )
     }
     assert sorted(specs) == ["big-0", "big-1", "cpu", "plain"]
@@ -215,11 +215,11 @@ def test_llamacpp_group_with_a_gguf_path_loads_that_file(tmp_path: Path) -> None
     weights = tmp_path / "tiny.gguf"
     weights.write_bytes(b"GGUF")
     fleet = parse_fleet(f"engines: [{{name: t, kind: llamacpp, model: {weights}, port: 8400}}]")
-    spec = llamacpp_spec(fleet.instances()[0])
+    spec = replica_spec(fleet, fleet.instances()[0], tmp_path)
     assert value(spec.argv, "--model") == str(weights)
     missing = parse_fleet("engines: [{name: t, kind: llamacpp, model: /nope/missing.gguf}]").instances()[0]
     with pytest.raises(FileNotFoundError, match=r"missing\.gguf"):
-        llamacpp_spec(missing)
+        llamacpp_replica_argv(missing, "127.0.0.1")
     with pytest.raises(LaunchError, match=r"cannot launch engine t \(llamacpp\): GGUF model file not found"):
         replica_spec(
             parse_fleet("engines: [{name: t, kind: llamacpp, model: /nope/m.gguf}]"), missing, tmp_path

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 from fleetserve.config import EngineGroup, EngineInstance, kv_event_ports
-from fleetserve.engines.kinds import ENGINE_KINDS
 from fleetserve.engines.launcher import EngineSpec
 from fleetserve.engines.smollm2 import smollm2_gguf_path
 from fleetserve.errors import InputError
@@ -137,33 +136,15 @@ def sglang_argv(
     return tuple(argv)
 
 
-def llamacpp_spec(
-    instance: EngineInstance, *, host: str = "127.0.0.1", n_ctx: int = DEFAULT_N_CTX, n_threads: int = 1
-) -> EngineSpec:
-    """How to start one replica of a llamacpp group."""
-    group, port = instance.group, _port(instance)
-    argv = llamacpp_argv(
-        llamacpp_weights(group.model),
-        alias=group.model,
-        host=host,
-        port=port,
-        n_ctx=n_ctx,
-        n_threads=n_threads,
-    )
-    return EngineSpec(instance.engine_id, argv, port, host, ENGINE_KINDS["llamacpp"].ready_path)
+def llamacpp_replica_argv(instance: EngineInstance, host: str) -> tuple[str, ...]:
+    """The command line of one replica of a llamacpp group."""
+    group = instance.group
+    return llamacpp_argv(llamacpp_weights(group.model), alias=group.model, host=host, port=_port(instance))
 
 
-def vllm_spec(instance: EngineInstance, *, host: str = "127.0.0.1") -> EngineSpec:
-    """How to start one replica of a vllm group."""
-    env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if instance.group.adapters else {}
-    port, ready = _port(instance), ENGINE_KINDS["vllm"].ready_path
-    return EngineSpec(instance.engine_id, vllm_argv(instance, host=host), port, host, ready, env)
-
-
-def sglang_spec(instance: EngineInstance, *, host: str = "127.0.0.1") -> EngineSpec:
-    """How to start one replica of an sglang group."""
-    port, ready = _port(instance), ENGINE_KINDS["sglang"].ready_path
-    return EngineSpec(instance.engine_id, sglang_argv(instance, host=host), port, host, ready)
+def vllm_env(group: EngineGroup) -> dict[str, str]:
+    """vLLM loads adapters at run time (POST /v1/load_lora_adapter) only when told it may."""
+    return {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if group.adapters else {}
 
 
 def llamacpp_replicas(

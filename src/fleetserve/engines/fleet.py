@@ -57,7 +57,7 @@ def launch_plan(config: FleetConfig, work_dir: Path) -> list[EngineSpec]:
     if emulated:
         specs.append(emulator_spec(config, emulated, work_dir / "fleet.yaml"))
     for instance in instances:
-        if ENGINE_KINDS[instance.group.kind].launch_spec is not None:
+        if ENGINE_KINDS[instance.group.kind].argv is not None:
             specs.append(checked_spec(config, instance, work_dir))
     return specs
 
@@ -68,12 +68,15 @@ def replica_spec(config: FleetConfig, instance: EngineInstance, work_dir: Path) 
     kind = ENGINE_KINDS[instance.group.kind]
     if not kind.launched:
         raise LaunchError(f"engine {instance.engine_id} is {kind.name}: fleetserve does not start it")
-    if kind.launch_spec is None:
+    if kind.argv is None:
         return emulator_spec(config, [instance], work_dir / f"{instance.engine_id}.yaml", instance.engine_id)
+    host, port = config.emulator.host, instance.port
     try:
-        return kind.launch_spec(instance, config.emulator.host)
+        argv = kind.argv(instance, host)
     except (FleetserveError, FileNotFoundError) as exc:  # no model file, no port, no LoRA slots
         raise LaunchError(f"cannot launch engine {instance.engine_id} ({kind.name}): {exc}") from None
+    assert port is not None  # argv needs the port, and said so if it had none
+    return EngineSpec(instance.engine_id, argv, port, host, kind.ready_path, kind.env(instance.group))
 
 
 def checked_spec(config: FleetConfig, instance: EngineInstance, work_dir: Path) -> EngineSpec:

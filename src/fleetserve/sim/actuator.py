@@ -8,8 +8,10 @@ stopped when the drain timeout runs out. A stopped engine's requests fail as `en
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol
 
+from fleetserve.config import FleetConfig
 from fleetserve.control import (
     EngineChange,
     EngineEvent,
@@ -19,14 +21,22 @@ from fleetserve.control import (
     next_engine_id,
 )
 from fleetserve.model.cost import ENGINE_START_S
+from fleetserve.sim.fleet import SimEngine, SimFleet
 
-if TYPE_CHECKING:
-    from fleetserve.sim.fleet import SimEngine
-    from fleetserve.sim.simulator import Simulator
+
+class SimulatedRun(Protocol):
+    """What the actuator needs of the simulator (`Simulator` is one)."""
+
+    config: FleetConfig
+    fleet: SimFleet
+
+    def at(self, when: float, action: Callable[[float], None]) -> None: ...
+    def engine_added(self, engine: SimEngine) -> None: ...
+    def engine_stopped(self, engine: SimEngine, now: float) -> None: ...
 
 
 class SimActuator(FleetActuator):
-    def __init__(self, simulator: Simulator, drain_timeout_s: float) -> None:
+    def __init__(self, simulator: SimulatedRun, drain_timeout_s: float) -> None:
         super().__init__()
         self._sim = simulator
         self._groups = {group.name: group for group in simulator.config.engines}
