@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from starlette.testclient import TestClient
 from tests.unit.test_fleet_tokenizer import make_tokenizer_json
 
-from fleetserve.engines.emulator.app import EmulatedEngine, EmulatorSpec
+from fleetserve.engines.emulator.engine import EmulatedEngine, EmulatorSpec
 from fleetserve.engines.emulator.structured import json_from_schema
 from fleetserve.engines.emulator.text import PlannedOutput, Vocabulary, words_until_stop
 from fleetserve.protocol.errors import APIError

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from fleetserve.config import ConfigError, load_fleet, parse_fleet
 from fleetserve.engines.emulator import specs_from_fleet
-from fleetserve.engines.emulator.app import EmulatedEngine
+from fleetserve.engines.emulator.engine import EmulatedEngine
 from fleetserve.gateway.app import Gateway
 from fleetserve.gateway.tokens import PromptTokenizer
 from fleetserve.model.catalog import default_catalog

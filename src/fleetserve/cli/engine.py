@@ -139,7 +139,7 @@ def emulate(
     (--fleet), all in one process and one event loop. Prints one ready line per engine.
     """
     from fleetserve.engines.emulator import server
-    from fleetserve.engines.emulator.app import EmulatorSpec, KVEventsSpec
+    from fleetserve.engines.emulator.engine import EmulatorSpec, KVEventsSpec
 
     overrides = {name: value for name, value in engine_args.items() if value is not None}
     shared = {

@@ -4,7 +4,7 @@
 event loop; `fleetserve engine emulate` is the command line.
 """
 
-from fleetserve.engines.emulator.app import EmulatedEngine, EmulatorSpec, KVEventsSpec
+from fleetserve.engines.emulator.engine import EmulatedEngine, EmulatorSpec, KVEventsSpec
 from fleetserve.engines.emulator.kv_events import kv_event_endpoints
 from fleetserve.engines.emulator.server import RunningEngine, serve_engines, specs_from_fleet
 

@@ -19,7 +19,7 @@ import uvicorn
 from starlette.types import Receive, Scope, Send
 
 from fleetserve.config import FleetConfig
-from fleetserve.engines.emulator.app import EmulatedEngine, EmulatorSpec, KVEventsSpec
+from fleetserve.engines.emulator.engine import EmulatedEngine, EmulatorSpec, KVEventsSpec
 from fleetserve.engines.emulator.kv_events import kv_event_endpoints
 from fleetserve.errors import InputError, InternalError
 
