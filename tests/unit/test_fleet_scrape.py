@@ -84,3 +84,20 @@ def test_absent_figures_stay_none_and_garbage_is_skipped() -> None:
 def test_timestamps_after_the_value_are_ignored() -> None:
     metrics = parse_metrics("sglang:num_queue_reqs 3 1700000000000\n", DIALECTS["sglang"])
     assert metrics.waiting == 3
+
+
+def test_output_tokens_and_the_ttft_histogram_are_read_per_dialect_and_summed_per_bucket() -> None:
+    text = """\
+vllm:generation_tokens_total{engine="0"} 120.0
+vllm:generation_tokens_total{engine="1"} 30.0
+vllm:time_to_first_token_seconds_bucket{le="0.1",engine="0"} 2.0
+vllm:time_to_first_token_seconds_bucket{le="0.1",engine="1"} 1.0
+vllm:time_to_first_token_seconds_bucket{le="+Inf",engine="0"} 5.0
+vllm:time_to_first_token_seconds_bucket{le="+Inf",engine="1"} 1.0
+vllm:time_to_first_token_seconds_sum{engine="0"} 9.0
+"""
+    metrics = parse_metrics(text, DIALECTS["vllm"])
+    assert metrics.generation_tokens == 150.0
+    assert metrics.ttft_buckets == ((0.1, 3.0), (float("inf"), 6.0))
+    sglang = parse_metrics("sglang:generation_tokens_total 7\n", DIALECTS["sglang"])
+    assert (sglang.generation_tokens, sglang.ttft_buckets) == (7.0, ())

@@ -31,7 +31,6 @@ from pathlib import Path
 import aiohttp
 import click
 import uvloop
-from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -51,7 +50,8 @@ from fleetserve.engines.fleet import (
 )
 from fleetserve.engines.kinds import ENGINE_KINDS
 from fleetserve.engines.smollm2 import SMOLLM2_ALIAS
-from fleetserve.fleet.state import EngineState
+from fleetserve.fleet.scrape import parse_metrics
+from fleetserve.fleet.state import DIALECTS, EngineMetrics, EngineState
 from fleetserve.gateway.app import Gateway
 from fleetserve.gateway.server import run_gateway
 from fleetserve.model.catalog import UnknownEntry, default_catalog
@@ -505,18 +505,18 @@ async def engine_rows(gateway: Gateway, watch: FleetWatch) -> list[EngineRow]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
         scraped = await asyncio.gather(*(scrape_engine(session, engine) for engine in engines))
     rows = []
-    for engine, samples in zip(engines, scraped, strict=True):
+    for engine, metrics in zip(engines, scraped, strict=True):
         ok, errors = answered.get(engine.engine_id, (0, 0))
-        queries = samples.get("vllm:prefix_cache_queries_total")
-        hits = samples.get("vllm:prefix_cache_hits_total")
-        buckets = ttft_buckets(samples)
+        reported = metrics or EngineMetrics()
+        queries, hits = reported.prefix_cache_queries, reported.prefix_cache_hits
+        buckets = list(reported.ttft_buckets)
         rows.append(
             EngineRow(
                 engine_id=engine.engine_id,
                 gpu=engine.spec.gpu or "cpu",
                 requests=ok,
                 errors=errors,
-                output_tokens=samples.get("vllm:generation_tokens_total"),
+                output_tokens=reported.generation_tokens,
                 ttft_p50_s=histogram_quantile(0.5, buckets),
                 ttft_p99_s=histogram_quantile(0.99, buckets),
                 peak_kv=watch.peak_kv.get(engine.engine_id),
@@ -543,31 +543,20 @@ def gateway_requests_by_engine(gateway: Gateway) -> dict[str, tuple[int, int]]:
     return out
 
 
-async def scrape_engine(session: aiohttp.ClientSession, engine: EngineState) -> dict[str, float]:
-    """The engine's vLLM metrics as {sample name with its `le` label for buckets: value}; empty for
-    engines that expose none (llama-cpp-python) or do not answer."""
-    if engine.spec.dialect != "vllm":
-        return {}
+async def scrape_engine(session: aiohttp.ClientSession, engine: EngineState) -> EngineMetrics | None:
+    """What the engine's /metrics says, read with its dialect's names (fleet/scrape.py); None for an
+    engine that exposes none (llama-cpp-python) or does not answer."""
+    dialect = DIALECTS.get(engine.spec.dialect)
+    if dialect is None:
+        return None
     try:
         async with session.get(engine.url + "/metrics") as response:
             if response.status != 200:
-                return {}
+                return None
             text = await response.text()
     except (aiohttp.ClientError, TimeoutError):
-        return {}
-    samples: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            key = sample.name + (f"|{sample.labels['le']}" if "le" in sample.labels else "")
-            samples[key] = samples.get(key, 0.0) + sample.value
-    return samples
-
-
-def ttft_buckets(samples: dict[str, float]) -> list[tuple[float, float]]:
-    prefix = "vllm:time_to_first_token_seconds_bucket|"
-    return sorted(
-        (float(key[len(prefix) :]), value) for key, value in samples.items() if key.startswith(prefix)
-    )
+        return None
+    return parse_metrics(text, dialect)
 
 
 def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:

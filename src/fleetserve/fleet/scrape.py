@@ -84,7 +84,21 @@ def parse_metrics(text: str, dialect: Dialect) -> EngineMetrics:
         running_adapters=running_adapters,
         waiting_adapters=waiting_adapters,
         max_loras=max_loras,
+        generation_tokens=total(dialect.generation_tokens),
+        ttft_buckets=_buckets(
+            samples.get(dialect.ttft_histogram + "_bucket", []) if dialect.ttft_histogram else []
+        ),
     )
+
+
+def _buckets(samples: list[_Sample]) -> tuple[tuple[float, float], ...]:
+    """A cumulative histogram's buckets, series of the same `le` summed (per model, per rank)."""
+    counts: dict[float, float] = {}
+    for sample in samples:
+        bound = sample.labels.get("le")
+        if bound is not None:
+            counts[float(bound)] = counts.get(float(bound), 0.0) + sample.value
+    return tuple(sorted(counts.items()))
 
 
 def _parse_sample(line: str, name_end: int) -> _Sample | None:

@@ -116,6 +116,8 @@ class EngineMetrics:
     running_adapters: frozenset[str] = frozenset()
     waiting_adapters: frozenset[str] = frozenset()
     max_loras: int | None = None
+    generation_tokens: float | None = None  # output tokens, cumulative
+    ttft_buckets: tuple[tuple[float, float], ...] = ()  # the TTFT histogram: (le seconds, cumulative count)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +131,8 @@ class Dialect:
     prefix_cache_hits: tuple[str, ...] = ()
     cache_config_info: str | None = None  # labels block_size, num_gpu_blocks
     lora_info: str | None = None  # labels running_lora_adapters, waiting_lora_adapters, max_lora
+    generation_tokens: tuple[str, ...] = ()
+    ttft_histogram: str | None = None  # the histogram's name; its `_bucket` series are read
 
     def wanted(self) -> frozenset[str]:
         names = [
@@ -137,8 +141,11 @@ class Dialect:
             *self.kv_usage,
             *self.prefix_cache_queries,
             *self.prefix_cache_hits,
+            *self.generation_tokens,
         ]
         names += [name for name in (self.cache_config_info, self.lora_info) if name]
+        if self.ttft_histogram:
+            names.append(self.ttft_histogram + "_bucket")
         return frozenset(names)
 
 
@@ -151,11 +158,15 @@ DIALECTS: dict[str, Dialect] = {
         prefix_cache_hits=("vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total"),
         cache_config_info="vllm:cache_config_info",
         lora_info="vllm:lora_requests_info",
+        generation_tokens=("vllm:generation_tokens_total",),
+        ttft_histogram="vllm:time_to_first_token_seconds",
     ),
     "sglang": Dialect(
         running=("sglang:num_running_reqs",),
         waiting=("sglang:num_queue_reqs",),
         kv_usage=("sglang:token_usage",),
+        generation_tokens=("sglang:generation_tokens_total",),
+        ttft_histogram="sglang:time_to_first_token_seconds",
     ),
     "trtllm": Dialect(
         running=("trtllm_num_requests_running",),
