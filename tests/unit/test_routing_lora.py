@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 from fleetserve.routing import EngineView, FleetView, RequestInfo, make_policy
-from fleetserve.routing.slo import AdapterResidency, LoraAffinityPolicy
+from fleetserve.routing.shared import AdapterResidency
+from fleetserve.routing.slo import LoraAffinityPolicy
 
 ADAPTERS = frozenset({"a1", "a2", "a3", "a4"})
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 from fleetserve.errors import FleetserveError
 
@@ -71,10 +71,17 @@ class EngineView:
         return self.model == request.model and (request.adapter is None or request.adapter in self.adapters)
 
 
+class PrefixLookup(Protocol):
+    """What a policy needs of the fleet's prefix index (`PrefixIndex` fed by engines' KV events): for
+    a prompt's block hashes, engine id -> how many leading blocks it holds."""
+
+    def match(self, block_hashes: Sequence[int], now: float | None = None) -> dict[str, int]: ...
+
+
 @dataclass(slots=True)
 class FleetView:
     engines: Mapping[str, EngineView]
-    prefix_index: object | None = None
+    prefix_index: PrefixLookup | None = None  # the precise index, when engines publish KV events
 
     def candidates(self, request: RequestInfo) -> list[EngineView]:
         """Engines that serve the request's model and adapter and are healthy and ready, in view order."""

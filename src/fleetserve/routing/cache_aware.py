@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from fleetserve.errors import InputError
 from fleetserve.routing.base import Decision, EngineView, FleetView, Policy, RequestInfo, require_candidates
 from fleetserve.routing.prefix import PrefixMatcher, prompt_tokens
-from fleetserve.routing.ties import break_tie, idle_instead
+from fleetserve.routing.shared import break_tie, idle_instead
 
 # The approximate index's default bounds: 1 M blocks (~16 M tokens at block size 16) is about SGLang's
 # max_tree_size of 2**24 characters, and stays well under the 256 MB byte cap.

@@ -38,7 +38,7 @@ from fleetserve.errors import InputError
 from fleetserve.routing.base import Decision, EngineView, FleetView, Policy, RequestInfo, require_candidates
 from fleetserve.routing.cache_aware import DEFAULT_MAX_BLOCKS, DEFAULT_MAX_BYTES, DEFAULT_TTL_S
 from fleetserve.routing.prefix import PrefixMatcher, prompt_tokens
-from fleetserve.routing.ties import idle_instead
+from fleetserve.routing.shared import idle_instead
 
 _MASK64 = (1 << 64) - 1
 # Two arbitrary odd constants make the two hash functions independent of each other.

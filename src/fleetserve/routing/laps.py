@@ -22,7 +22,7 @@ from typing import Literal
 from fleetserve.errors import InputError
 from fleetserve.routing.base import Decision, EngineView, FleetView, Policy, RequestInfo, require_candidates
 from fleetserve.routing.prefix import prompt_tokens
-from fleetserve.routing.ties import least_loaded
+from fleetserve.routing.shared import least_loaded
 
 Lane = Literal["short", "long"]
 

@@ -19,20 +19,13 @@ computed once per request, with the block size of the engines that may serve it,
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Protocol
 
 from fleetserve.model.kvcache import hash_prompt_blocks
-from fleetserve.routing.base import EngineView, FleetView, RequestInfo
+from fleetserve.routing.base import EngineView, FleetView, PrefixLookup, RequestInfo
 from fleetserve.routing.prefix_index import PrefixIndex
 
 DEFAULT_BLOCK_SIZE = 16  # vLLM's default, and what engines report when nothing else is known
 PENDING_TTL_S = 30.0  # how long a dispatch counts as holding its blocks before the engine's events say so
-
-
-class PrefixLookup(Protocol):
-    """What a policy needs of a prefix index (PrefixIndex satisfies it)."""
-
-    def match(self, block_hashes: Sequence[int], now: float | None = None) -> dict[str, int]: ...
 
 
 def request_block_hashes(request: RequestInfo, block_size: int = DEFAULT_BLOCK_SIZE) -> Sequence[int]:

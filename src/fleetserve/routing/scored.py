@@ -27,8 +27,7 @@ from fleetserve.errors import InputError
 from fleetserve.routing.base import Decision, EngineView, FleetView, Policy, RequestInfo, require_candidates
 from fleetserve.routing.cache_aware import DEFAULT_MAX_BLOCKS, DEFAULT_MAX_BYTES, DEFAULT_TTL_S
 from fleetserve.routing.prefix import request_block_hashes
-from fleetserve.routing.slo import AdapterResidency, TTFTEstimator
-from fleetserve.routing.ties import break_tie, idle_instead
+from fleetserve.routing.shared import AdapterResidency, TTFTEstimator, break_tie, idle_instead
 
 DEFAULT_WEIGHTS: dict[str, float] = {"queue": 2.0, "kv": 2.0, "prefix": 3.0, "lora": 1.0}
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fleetserve.routing.base import Decision, EngineView, FleetView, Policy, RequestInfo, require_candidates
-from fleetserve.routing.ties import break_tie, least_loaded
+from fleetserve.routing.shared import break_tie, least_loaded
 
 
 class RandomPolicy(Policy):
