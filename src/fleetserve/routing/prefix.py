@@ -67,7 +67,7 @@ class PrefixMatcher:
         """The request's block hashes and, per engine, how many leading blocks it holds (engines with
         none are absent). Also fixes the mode and block size the following `record` uses."""
         precise_index = view.prefix_index
-        self.index = precise_index if precise_index is not None else self.own  # type: ignore[assignment]
+        self.index = precise_index if precise_index is not None else self.own
         first = next(iter(candidates), None)
         if first is not None:
             self.block_size = first.block_size or DEFAULT_BLOCK_SIZE
