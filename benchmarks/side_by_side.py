@@ -65,7 +65,7 @@ def main() -> None:
     ).stdout.strip()
     this_commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    )
+    ).stdout.strip()
     lines = [
         f"- command: `python benchmarks/side_by_side.py --baseline OLD --repeats {args.repeats} "
         f"--figure '{args.figure}' -- {' '.join(command)}`",
