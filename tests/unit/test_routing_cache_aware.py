@@ -5,6 +5,7 @@ from collections import Counter
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests.unit.routing_views import engine, fleet, request
 
 from fleetserve.model.kvcache import hash_prompt_blocks
 from fleetserve.routing import Decision, EngineView, FleetView, NoEngineAvailable, RequestInfo, make_policy
@@ -13,20 +14,6 @@ from fleetserve.routing.prefix import PENDING_TTL_S, request_block_hashes
 from fleetserve.routing.prefix_index import PrefixIndex
 
 SYSTEM = list(range(1000, 1000 + 16 * 8))  # an 8-block shared system prompt
-
-
-def fleet(*engines: EngineView, prefix_index: PrefixIndex | None = None) -> FleetView:
-    return FleetView({engine.engine_id: engine for engine in engines}, prefix_index)
-
-
-def engine(engine_id: str, **fields: object) -> EngineView:
-    return EngineView(engine_id=engine_id, model="m", **fields)  # type: ignore[arg-type]
-
-
-def request(request_id: str, tokens: list[int], **fields: object) -> RequestInfo:
-    return RequestInfo(
-        request_id=request_id, model="m", prompt_len=len(tokens), prompt_token_ids=tokens, **fields
-    )  # type: ignore[arg-type]
 
 
 def route(policy, req: RequestInfo, view: FleetView, now: float = 0.0):

@@ -1,25 +1,12 @@
 from __future__ import annotations
 
 import pytest
+from tests.unit.routing_views import engine, fleet, request
 
-from fleetserve.routing import EngineView, FleetView, RequestInfo, make_policy
+from fleetserve.routing import make_policy
 from fleetserve.routing.scored import ScoredPolicy, spread_score
 
 SYSTEM = list(range(1000, 1000 + 16 * 16))  # a 16-block shared prefix
-
-
-def fleet(*engines: EngineView) -> FleetView:
-    return FleetView({engine.engine_id: engine for engine in engines})
-
-
-def engine(engine_id: str, **fields: object) -> EngineView:
-    return EngineView(engine_id=engine_id, model="m", **fields)  # type: ignore[arg-type]
-
-
-def request(request_id: str, tokens: list[int], **fields: object) -> RequestInfo:
-    return RequestInfo(
-        request_id=request_id, model="m", prompt_len=len(tokens), prompt_token_ids=tokens, **fields
-    )  # type: ignore[arg-type]
 
 
 def test_spread_score_maps_lowest_to_one_and_highest_to_zero() -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+from tests.unit.routing_views import engine, fleet, request
 
 from fleetserve.config import EngineArgs
 from fleetserve.fleet.view import TTFTEstimate
@@ -8,7 +9,7 @@ from fleetserve.model.catalog import default_catalog
 from fleetserve.model.cost import CostModel
 from fleetserve.model.engine import EngineModel
 from fleetserve.model.scheduler import SchedulerConfig
-from fleetserve.routing import EngineView, FleetView, RejectRequest, RequestInfo, make_policy
+from fleetserve.routing import EngineView, RejectRequest, make_policy
 from fleetserve.routing.slo import SLOAwarePolicy
 
 SYSTEM = list(range(1000, 1000 + 16 * 32))  # a 32-block shared prefix
@@ -17,20 +18,6 @@ SYSTEM = list(range(1000, 1000 + 16 * 32))  # a 32-block shared prefix
 def per_token(seconds: float):
     """A predictor that charges `seconds` per uncached prompt token."""
     return lambda prompt_len, cached: seconds * max(1, prompt_len - cached)
-
-
-def fleet(*engines: EngineView) -> FleetView:
-    return FleetView({engine.engine_id: engine for engine in engines})
-
-
-def engine(engine_id: str, **fields: object) -> EngineView:
-    return EngineView(engine_id=engine_id, model="m", **fields)  # type: ignore[arg-type]
-
-
-def request(request_id: str, tokens: list[int], **fields: object) -> RequestInfo:
-    return RequestInfo(
-        request_id=request_id, model="m", prompt_len=len(tokens), prompt_token_ids=tokens, **fields
-    )  # type: ignore[arg-type]
 
 
 def test_picks_the_fastest_predicted_engine() -> None:

@@ -228,13 +228,19 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
     return _parse(ChatCompletionRequest, body)
 
 
-def _parse(kind: type[RequestT], body: bytes) -> RequestT:
+def json_object(body: bytes) -> dict[str, Any]:
+    """A request body that must be a JSON object; anything else is vLLM's 400."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as error:
         raise APIError(400, f"The request body is not valid JSON: {error}") from None
     if not isinstance(data, dict):
         raise APIError(400, "The request body must be a JSON object.")
+    return data
+
+
+def _parse(kind: type[RequestT], body: bytes) -> RequestT:
+    data = json_object(body)
     try:
         return kind.model_validate(data)
     except ValidationError as error:

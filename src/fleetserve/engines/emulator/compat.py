@@ -12,7 +12,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from fleetserve import __version__
-from fleetserve.engines.emulator.http import json_object, json_response, render_chat
+from fleetserve.engines.emulator.http import json_response, render_chat
 from fleetserve.protocol import openai
 from fleetserve.protocol.errors import APIError, error_body
 
@@ -48,7 +48,7 @@ def compat_routes(engine: EmulatedEngine) -> list[Route]:
         return PlainTextResponse(FLUSH_CACHE_TEXT, status_code=200 if flushed else 400)
 
     async def tokenize(request: Request) -> Response:
-        body = json_object(await request.body())
+        body = openai.json_object(await request.body())
         if not isinstance(body.get("model"), str | None):
             raise APIError(400, "model must be a string", param="model")
         engine.resolve_adapter(body.get("model"))
@@ -69,7 +69,7 @@ def compat_routes(engine: EmulatedEngine) -> list[Route]:
         )
 
     async def load_lora_adapter(request: Request) -> Response:
-        body = json_object(await request.body())
+        body = openai.json_object(await request.body())
         name, path = body.get("lora_name"), body.get("lora_path")
         if not name or not path or not isinstance(name, str) or not isinstance(path, str):
             raise APIError(
@@ -79,7 +79,7 @@ def compat_routes(engine: EmulatedEngine) -> list[Route]:
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
     async def unload_lora_adapter(request: Request) -> Response:
-        body = json_object(await request.body())
+        body = openai.json_object(await request.body())
         name = body.get("lora_name")
         if not name or not isinstance(name, str):
             raise APIError(
