@@ -12,6 +12,7 @@ from fleetserve.control import parse_fleet_script
 from fleetserve.errors import InputError
 from fleetserve.model.catalog import default_catalog
 from fleetserve.model.cost import ENGINE_START_S, CostModel
+from fleetserve.routing import make_policy
 from fleetserve.sim import SimOptions, simulate
 from fleetserve.workload import TraceRequest
 
@@ -111,3 +112,25 @@ def test_fleet_scripts_name_what_is_wrong() -> None:
         parse_fleet_script([{"at_s": 1, "start": "a", "timeout_s": 3}])
     steps = parse_fleet_script([{"at_s": 9, "stop": "b-0"}, {"at_s": 1, "start": "b"}])
     assert [step.action for step in steps] == ["start", "stop"] and not math.isnan(steps[0].at_s)
+
+
+def test_the_simulated_actuator_reports_each_engine_starting_ready_draining_gone_in_order() -> None:
+    from fleetserve.sim.simulator import Simulator
+
+    trace = [TraceRequest(1000.0 * i, 128, 8) for i in range(60)]
+    script = parse_fleet_script([{"at_s": 5, "start": "h100"}, {"at_s": 40, "drain": "h100-0"}])
+    simulator = Simulator(
+        config(l4=1, h100=0), trace, make_policy("round_robin"), SimOptions(fleet_script=script)
+    )
+    changes: list[tuple[str, str, float]] = []
+    simulator.actuator.subscribe(
+        lambda change: changes.append((change.engine_id, change.event.value, change.at))
+    )
+    simulator.run()
+    assert [(engine, event) for engine, event, _ in changes] == [
+        ("h100-0", "starting"), ("h100-0", "ready"), ("h100-0", "draining"), ("h100-0", "gone"),
+    ]  # fmt: skip
+    cold = CostModel(default_catalog().gpu("h100-80g"), default_catalog().model("llama-3-8b")).cold_start_s()
+    times = [at for _, _, at in changes]
+    assert times[:3] == [5.0, pytest.approx(5.0 + cold), 40.0]
+    assert times[3] >= 40.0  # when its last request finished

@@ -48,6 +48,7 @@ class FleetMembership(Protocol):
     def set_draining(self, engine_id: str) -> None: ...
     def in_flight(self, engine_id: str) -> int | None: ...
     def engine_ids(self) -> Collection[str]: ...
+    def group_of(self, engine_id: str) -> str | None: ...
 
 
 class LocalActuator(FleetActuator):
@@ -159,8 +160,7 @@ class LocalActuator(FleetActuator):
                 await task
 
     def _group_of(self, engine_id: str) -> str:
-        name, _, index = engine_id.rpartition("-")
-        return name if index.isdigit() and name in self._groups else engine_id
+        return self._membership.group_of(engine_id) or engine_id  # an engine of no group: its own name
 
     def _background(self, work: Any) -> None:
         task = asyncio.get_running_loop().create_task(work)

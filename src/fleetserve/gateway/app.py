@@ -123,6 +123,11 @@ class Gateway:
     def engine_ids(self) -> list[str]:
         return [engine.engine_id for engine in self.registry.engines()]
 
+    def group_of(self, engine_id: str) -> str | None:
+        """The fleet-file group the engine belongs to; None for one registered without a group."""
+        engine = self.registry.get(engine_id)
+        return None if engine is None else engine.spec.group
+
     def remove_engine(self, engine_id: str) -> EngineState:
         """Stop routing to the engine; requests already on it finish."""
         engine = self.registry.remove(engine_id)
