@@ -220,8 +220,7 @@ class RequestSession:
         self.attempt_ended(now)
         if self._hold is not None:
             self._path.withdraw(self)
-        passed = self._path.stages[: self._stage]
-        if passed:
+        if self._stage:  # some stage let it through
             engine = self.engine
             outcome = Outcome(
                 status,
@@ -231,5 +230,5 @@ class RequestSession:
                 None if engine is None else engine.gpu,
                 latency_s,
             )
-            for stage in passed:
+            for stage in self._path.stages[: self._stage]:
                 stage.on_finish(self.info, outcome, now)

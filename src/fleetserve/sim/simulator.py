@@ -268,27 +268,23 @@ class Simulator:
 
     def _sync(self, now: float) -> None:
         if self.path.held:
-            self._sync_held(now)
-            return
+            self._step_while_held(now)
         engines = self.fleet.engines
         for key in self._wakeups.pop_due(now):
             self._advance(engines[key], now)
         self._refresh_views()
+        if self.path.held:
+            self._release(now)
 
-    def _sync_held(self, now: float) -> None:
-        """A sync while requests are held: one engine event at a time, releasing held requests as soon
-        as a finish makes room, as the gateway does."""
+    def _step_while_held(self, now: float) -> None:
+        """While requests are held: advance the fleet one engine event at a time up to `now`, releasing
+        held requests as soon as a finish makes room, as the gateway does."""
         engines, wakeups = self.fleet.engines, self._wakeups
         while self.path.held and (when := wakeups.next_time()) <= now:
             for key in wakeups.pop_due(when):
                 self._advance(engines[key], when)
             self._refresh_views()
             self._release(when)
-        for key in wakeups.pop_due(now):
-            self._advance(engines[key], now)
-        self._refresh_views()
-        if self.path.held:
-            self._release(now)
 
     def _refresh_views(self) -> None:
         engines = self.fleet.engines
