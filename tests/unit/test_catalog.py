@@ -67,6 +67,8 @@ def test_user_file_overrides_fields_and_adds_entries(tmp_path: Path) -> None:
         "    hbm_gbps: 8000\n"
         "    memory_gb: 180\n"
         "    interconnect_gbps: 1800\n"
+        "    sm_count: 148\n"
+        "    boost_clock_ghz: 1.96\n"
         "    usd_per_hour: 9.0\n"
         "    price_source: made-up test price\n"
     )

@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fleetserve.model.catalog import default_catalog
-from fleetserve.model.cost import CostModel, CostParams, default_cost_params
+from fleetserve.model.cost import CostModel
+from fleetserve.model.params import CostParams, default_cost_params
 
 MEASUREMENTS = Path(__file__).resolve().parents[2] / "data" / "perf" / "measured_a100_80gb.csv"
 
@@ -98,7 +99,7 @@ def test_adapter_load_time_scales_with_size_and_link() -> None:
 def test_shipped_calibration_is_used_by_default() -> None:
     shipped = CostParams.load()
     assert LLAMA8_H100.params == shipped == default_cost_params()
-    assert 0 < shipped.compute_efficiency <= 1 and 0 < shipped.memory_efficiency <= 1
+    assert 0 < shipped.gemm_compute_efficiency <= 1 and 0 < shipped.attention_memory_efficiency <= 1
 
 
 def _measured_points() -> list[tuple[str, int, int, int, int, float, float]]:

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from fleetserve.cli.console import make_console
 from fleetserve.model.catalog import Catalog, CatalogError, GpuSpec, ModelSpec, UnknownEntry
-from fleetserve.model.cost import CostModel, UnsupportedParallelism
+from fleetserve.model.cost import CostModel, PrefillBreakdown, UnsupportedParallelism
 
 Spec = TypeVar("Spec", GpuSpec, ModelSpec)
 
@@ -27,8 +27,9 @@ CATALOG_OPTION_HELP = (
 def model() -> None:
     """Predict engine timings from the calibrated engine model, and list known GPUs and models.
 
-    Times come from a roofline model (compute vs memory bandwidth, plus tensor-parallel communication
-    and fixed overheads) calibrated on measured A100-80GB runs; see docs/model.md."""
+    Times come from an operator-level model (each GEMM and memory-bound operator of a decoder layer a
+    roofline with a fitted efficiency curve, attention, tensor-parallel all-reduces, host overheads)
+    fitted on Vidur's public A100 and A40 operator profiles and measured A100 runs; see docs/model.md."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Prediction:
     prefill_s: float
     decode_step_s: float
     e2e_s: float | None
+    breakdown: PrefillBreakdown | None = None
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -70,6 +72,12 @@ class Prediction:
         result["kv_blocks"] = self.kv_blocks
         result["kv_capacity_tokens"] = self.kv_capacity_tokens
         result["usd_per_hour"] = round(self.usd_per_hour, 4)
+        if self.breakdown is not None:
+            b = self.breakdown
+            result["layer_non_attention_ms"] = round(b.layer_non_attention * 1e3, 4)
+            result["layer_attention_ms"] = round(b.attention * 1e3, 4)
+            result["layer_all_reduce_ms"] = round(b.all_reduce * 1e3, 4)
+            result["layer_operators_ms"] = {op: round(t * 1e3, 4) for op, t in b.operators.items()}
         return result
 
 
@@ -129,6 +137,14 @@ class Prediction:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help=CATALOG_OPTION_HELP,
 )
+@click.option(
+    "--breakdown",
+    is_flag=True,
+    help="Also show where the prefill's time goes: each operator of one decoder layer (QKV, output and "
+    "MLP projections, norms, rotary embedding, activation, residual add) for the PROMPT x BATCH tokens "
+    "at this TP, attention and the all-reduces. With --json: layer_non_attention_ms, layer_attention_ms, "
+    "layer_all_reduce_ms and layer_operators_ms.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line (times in ms) instead of a table.")
 def predict(
     gpu: str,
@@ -140,6 +156,7 @@ def predict(
     block_size: int,
     gpu_memory_utilization: float,
     catalog_file: Path | None,
+    breakdown: bool,
     as_json: bool,
 ) -> None:
     """Predict prefill time, decode-step time and (with --output) end-to-end latency of a batch.
@@ -193,11 +210,15 @@ def predict(
         prefill_s,
         decode_step_s,
         e2e_s,
+        cost.prefill_breakdown(prompt, batch) if breakdown else None,
     )
     if as_json:
         click.echo(json.dumps(prediction.as_json()))
-    else:
-        make_console().print(_prediction_table(prediction))
+        return
+    console = make_console()
+    console.print(_prediction_table(prediction))
+    if prediction.breakdown is not None:
+        console.print(_breakdown_table(prediction))
 
 
 @model.command(name="list")
@@ -311,6 +332,26 @@ def _prediction_table(p: Prediction) -> Table:
     table.add_row(
         "$ per hour", f"{p.usd_per_hour:.2f} ({p.tp} x {p.gpu.usd_per_hour:g}; {p.gpu.price_source})"
     )
+    return table
+
+
+def _breakdown_table(p: Prediction) -> Table:
+    assert p.breakdown is not None
+    b = p.breakdown
+    table = Table(
+        title=f"prefill of {p.batch} x {p.prompt} tokens: one decoder layer (of {b.layers}), per GPU"
+    )
+    table.add_column("operator", style="bold")
+    table.add_column("ms", justify="right")
+    table.add_column("share of the prefill", justify="right")
+    total = b.total
+    rows = [*b.operators.items(), ("attention", b.attention), ("all-reduce x2", b.all_reduce)]
+    for name, seconds in rows:
+        table.add_row(name, f"{seconds * 1e3:.4f}", f"{b.layers * seconds / total:.1%}")
+    table.add_row("layer, non-attention", f"{b.layer_non_attention * 1e3:.4f}", "", style="italic")
+    once = [("embedding (once)", b.embedding), ("LM head (once)", b.lm_head), ("host overhead", b.overhead)]
+    for name, seconds in once:
+        table.add_row(name, f"{seconds * 1e3:.4f}", f"{seconds / total:.1%}")
     return table
 
 

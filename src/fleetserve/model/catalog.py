@@ -50,6 +50,8 @@ class GpuSpec:
     host_link_gbps: host-to-device bandwidth in one direction, GB/s (PCIe), used for adapter loads.
     weight_load_gbps: how fast a starting engine reads its weights onto this GPU, GB/s (storage to
     device; see gpus.yaml for the assumption behind the default), used for cold starts.
+    sm_count: streaming multiprocessors; boost_clock_ghz: their boost clock. Together they set how many
+    GEMM tiles run in one wave and how fast memory-bound kernels issue their work.
     """
 
     name: str
@@ -59,6 +61,8 @@ class GpuSpec:
     interconnect_gbps: float
     usd_per_hour: float
     price_source: str
+    sm_count: int
+    boost_clock_ghz: float
     host_link_gbps: float = 32.0
     weight_load_gbps: float = 2.0
     interconnect: str = "PCIe"
@@ -67,7 +71,12 @@ class GpuSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One decoder-only transformer, numbers as in its public config.json."""
+    """One decoder-only transformer, numbers as in its public config.json.
+
+    intermediate_size: the MLP's inner width (per branch for a gated MLP, whose up projection computes
+    gate and up together). rotary: positions by rotary embeddings (False: ALiBi or learned).
+    parallel_attention: attention and MLP read the same normalised input (one layer norm per layer).
+    """
 
     name: str
     layers: int
@@ -78,6 +87,10 @@ class ModelSpec:
     vocab_size: int
     params: int
     max_context: int
+    intermediate_size: int
+    gated_mlp: bool = True
+    rotary: bool = True
+    parallel_attention: bool = False
     hf_id: str | None = None
     aliases: tuple[str, ...] = field(default=(), compare=False)
 
@@ -178,6 +191,10 @@ def _parse(kind: type[Spec], entries: dict[str, Any], base: dict[str, Spec]) -> 
 def _check_types(spec: GpuSpec | ModelSpec) -> None:
     for f in dataclasses.fields(spec):
         value = getattr(spec, f.name)
+        if f.type == "bool" and not isinstance(value, bool):
+            raise CatalogError(
+                f"{type(spec).__name__} {spec.name!r}: {f.name} must be true or false, got {value!r}"
+            )
         if f.type in ("int", "float") and (isinstance(value, bool) or not isinstance(value, int | float)):
             raise CatalogError(
                 f"{type(spec).__name__} {spec.name!r}: {f.name} must be a number, got {value!r}"

@@ -1,38 +1,45 @@
-"""How long one engine iteration takes: a roofline with calibrated efficiencies.
+"""How long one engine iteration takes, built from the operators of one decoder layer.
 
 An iteration runs every scheduled token (prefill chunks and one token per decoding sequence) through the
 model once. Its time is
 
-    overhead + max(compute, memory) + tensor-parallel communication
+    layers x (non-attention operators(T) + per-layer overhead + 2 all-reduces(T))
+    + embedding(T) + LM head(S) + S x per-sequence overhead
+    + layers x attention
 
-compute = FLOPs / (peak TFLOP/s * compute_efficiency), where FLOPs are 2 * params per token for the
-linear layers plus 4 * layers * heads * head_dim per (query token, attended token) pair for attention.
-memory = bytes / (HBM bandwidth * memory_efficiency), where bytes are the weights (read once per
-iteration) plus the KV cache every sequence reads for its context. Weights, FLOPs and KV heads are split
-over `tp` GPUs; each layer ends in two all-reduces of the activations over the interconnect.
+for T tokens in S sequences. The non-attention operators (QKV, output and MLP GEMMs, norms, rotary
+embedding, activation, residual add) are rooflines with fitted efficiency curves (model/operators.py),
+fitted on Vidur's public A100 and A40 profiles. Attention, which those profiles do not cover, is the max
+of its FLOPs (query-key pairs, causal mask included) at a fitted share of the tensor peak and the KV
+bytes every sequence reads at a fitted share of the HBM bandwidth. The all-reduce comes from the
+interconnect, fitted on Vidur's collective profiles; the overheads and attention efficiencies on
+end-to-end A100 prefill and decode times. None of the parameters depends on the GPU
+(scripts/calibrate_cost_model.py fits them, data/calibration.yaml ships them), so the model predicts a
+GPU it never saw from its catalog entry alone.
 
-The efficiencies, the fixed overhead and the per-collective latency do not depend on the GPU: they are
-fitted once (scripts/calibrate_cost_model.py) and shipped in data/calibration.yaml, so the model predicts
-GPUs it never saw measurements of from their data-sheet numbers alone.
+The simulator calls this in its inner loop, so everything that depends only on T or S is computed once
+per engine and kept (bounded), and an iteration costs two dictionary lookups and a few multiplications.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
-from importlib import resources
-from pathlib import Path
-
-import yaml
 
 from fleetserve.errors import InputError
 from fleetserve.model.catalog import BF16_BYTES, GpuSpec, ModelSpec
+from fleetserve.model.operators import (
+    ALLREDUCES_PER_LAYER,
+    LayerShapes,
+    all_reduce_time,
+    embedding_time,
+    layer_operator_times,
+    lm_head_time,
+)
+from fleetserve.model.params import CostParams, default_cost_params
 
-# all-reduces per transformer layer: after attention and after the MLP (Megatron-style tensor parallel)
-ALLREDUCES_PER_LAYER = 2
 # the shape capacity_tokens_per_s is measured at: a full decode batch at a typical chat context
 REFERENCE_BATCH = 64
 REFERENCE_CONTEXT = 1024
@@ -41,6 +48,9 @@ REFERENCE_MEMORY_UTILIZATION = 0.9
 # CUDA-graph capture. An ASSUMPTION of the order vLLM's start-up logs show on one GPU (tens of seconds),
 # overridable per engine group with the fleet file's `cold_start_s`.
 ENGINE_START_S = 20.0
+# per-engine memo of token- and sequence-count costs: a batch never exceeds this in practice, and beyond
+# it costs are computed each time rather than kept, so memory stays bounded
+MEMO_LIMIT = 1 << 16
 
 
 class UnsupportedParallelism(InputError):
@@ -48,41 +58,26 @@ class UnsupportedParallelism(InputError):
 
 
 @dataclass(frozen=True)
-class CostParams:
-    """The cost model's free parameters. Defaults are round guesses; the shipped calibration replaces
-    them with values fitted on measurements (see `CostParams.load`)."""
+class PrefillBreakdown:
+    """Where a prefill iteration's time goes, seconds. Per decoder layer: `operators` (by name),
+    `attention`, `all_reduce`; once per iteration: `embedding`, `lm_head`, `overhead` (host-side)."""
 
-    compute_efficiency: float = 0.5  # achieved fraction of peak TFLOP/s
-    memory_efficiency: float = 0.8  # achieved fraction of peak HBM bandwidth
-    interconnect_efficiency: float = 0.5  # achieved fraction of one-direction link bandwidth in all-reduce
-    # kernel launches and host-side work of one layer, paid once per layer per iteration whatever the batch
-    layer_overhead_s: float = 0.0002
-    # host-side work per sequence in the batch (block tables, sampling, detokenisation)
-    sequence_overhead_s: float = 0.0001
-    collective_latency_s: float = 20e-6  # per ring step of one all-reduce
-    # no measurements cover adapter loads: assumed achievable share of the PCIe link
-    host_link_efficiency: float = 0.8
+    layers: int
+    operators: dict[str, float]
+    attention: float
+    all_reduce: float
+    embedding: float
+    lm_head: float
+    overhead: float
 
-    @classmethod
-    def load(cls, path: str | Path | None = None) -> CostParams:
-        """Parameters from a calibration file (default: the one shipped in the package)."""
-        if path is None:
-            text = resources.files("fleetserve").joinpath("data", "calibration.yaml").read_text()
-        else:
-            text = Path(path).read_text()
-        document = yaml.safe_load(text) or {}
-        values = document.get("params", {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise InputError(f"unknown cost parameter(s): {', '.join(sorted(unknown))}")
-        return cls(**{name: float(value) for name, value in values.items()})
+    @property
+    def layer_non_attention(self) -> float:
+        return sum(self.operators.values())
 
-
-@cache
-def default_cost_params() -> CostParams:
-    """The shipped calibration, read once per process."""
-    return CostParams.load()
+    @property
+    def total(self) -> float:
+        layer = self.layer_non_attention + self.attention + self.all_reduce
+        return self.layers * layer + self.embedding + self.lm_head + self.overhead
 
 
 class CostModel:
@@ -100,25 +95,19 @@ class CostModel:
         self.tp = tp
         self.params = params if params is not None else default_cost_params()
         p = self.params
-        # per-GPU rates and per-unit costs, precomputed because the simulator calls this in its inner loop
-        self._flops_per_s = gpu.bf16_tflops * 1e12 * p.compute_efficiency * tp
-        self._bytes_per_s = gpu.hbm_gbps * 1e9 * p.memory_efficiency
-        self._linear_flops_per_token = 2.0 * model.params
-        self._attention_flops_per_pair = 4.0 * model.layers * model.heads * model.head_dim
-        self._overhead_s = model.layers * p.layer_overhead_s
+        self._shapes = LayerShapes.of(model, tp)
         self._weight_bytes_per_gpu = model.weight_bytes / tp
         self._kv_bytes_per_token_per_gpu = kv_bytes_per_token_per_gpu(model, tp)
-        if tp == 1:
-            self._comm_fixed_s = 0.0
-            self._comm_s_per_token = 0.0
-        else:
-            collectives = ALLREDUCES_PER_LAYER * model.layers
-            link_bytes_per_s = gpu.interconnect_gbps / 2 * 1e9 * p.interconnect_efficiency
-            ring_factor = 2 * (tp - 1) / tp  # bytes each GPU sends in a ring all-reduce, per byte reduced
-            self._comm_fixed_s = collectives * 2 * (tp - 1) * p.collective_latency_s
-            self._comm_s_per_token = (
-                collectives * ring_factor * model.hidden_size * BF16_BYTES / link_bytes_per_s
-            )
+        # attention over all layers: 4 FLOPs per head dimension per (query, key) pair (QK^T and PV)
+        attention_flops_per_pair = 4.0 * model.layers * self._shapes.attention_width
+        self._attention_s_per_pair = attention_flops_per_pair / (
+            gpu.bf16_tflops * 1e12 * p.attention_compute_efficiency
+        )
+        self._attention_s_per_kv_token = self._kv_bytes_per_token_per_gpu / (
+            gpu.hbm_gbps * 1e9 * p.attention_memory_efficiency
+        )
+        # engines of one kind share their memo: a fleet of 64 engines in 3 kinds fills 3, not 64
+        self._token_memo, self._sequence_memo = _shared_memos(gpu, model, tp, self.params)
 
     def cold_start_s(self, engine_start_s: float = ENGINE_START_S) -> float:
         """Seconds from starting the engine to serving: its share of the weights read at the GPU's
@@ -161,24 +150,19 @@ class CostModel:
         evaluates `_time`'s expressions in the same order (so skipping ahead gives exactly the times
         stepping does), with what does not change along the run hoisted out. That keeps the simulator's
         skip-ahead cheap, a few hundred nanoseconds per skipped iteration."""
-        linear_flops = self._linear_flops_per_token * num_seqs
-        attention_flops_per_pair = self._attention_flops_per_pair
-        flops_per_s = self._flops_per_s
-        weight_bytes = self._weight_bytes_per_gpu
-        kv_bytes_per_token = self._kv_bytes_per_token_per_gpu
-        bytes_per_s = self._bytes_per_s
-        comm_s = self._comm_fixed_s + self._comm_s_per_token * num_seqs
-        overhead_s = self._overhead_s + self.params.sequence_overhead_s * num_seqs
+        fixed = self._tokens_s(num_seqs) + self._sequences_s(num_seqs)
+        per_pair = self._attention_s_per_pair
+        per_kv_token = self._attention_s_per_kv_token
         start = end
         count = 0
         while count < limit and end <= horizon:
             count += 1
             total_context += num_seqs
             start = end
-            compute_s = (linear_flops + attention_flops_per_pair * total_context) / flops_per_s
-            memory_s = (weight_bytes + kv_bytes_per_token * total_context) / bytes_per_s
+            compute_s = total_context * per_pair
+            memory_s = total_context * per_kv_token
             # max() without the call; equal values are the same float either way
-            end += overhead_s + (compute_s if compute_s > memory_s else memory_s) + comm_s
+            end += fixed + (compute_s if compute_s > memory_s else memory_s)
         return count, start, end
 
     def prefill_time(self, prompt_len: int, batch: int = 1) -> float:
@@ -210,17 +194,69 @@ class CostModel:
         link_bytes_per_s = self.gpu.host_link_gbps * 1e9 * self.params.host_link_efficiency
         return adapter_bytes / self.tp / link_bytes_per_s
 
+    def prefill_breakdown(self, prompt_len: int, batch: int = 1) -> PrefillBreakdown:
+        """`prefill_time`'s parts: what each operator of one layer, attention and the all-reduces take."""
+        tokens = prompt_len * batch
+        pairs = batch * (prompt_len * (prompt_len + 1) // 2)
+        attention = self._attention(pairs, tokens) / self.model.layers
+        shapes, gpu, p = self._shapes, self.gpu, self.params
+        return PrefillBreakdown(
+            layers=self.model.layers,
+            operators=layer_operator_times(shapes, tokens, gpu, p),
+            attention=attention,
+            all_reduce=ALLREDUCES_PER_LAYER * self._all_reduce_s(tokens),
+            embedding=embedding_time(shapes, tokens, gpu, p),
+            lm_head=lm_head_time(shapes, batch, gpu, p),
+            overhead=self.model.layers * p.layer_overhead_s + batch * p.sequence_overhead_s,
+        )
+
     def _time(self, sequences: int, tokens: int, attended_pairs: int, kv_tokens_read: int) -> float:
         # decode_run repeats these expressions for a run of decode iterations: keep the two in step
         if tokens == 0:
             return 0.0
-        flops = self._linear_flops_per_token * tokens + self._attention_flops_per_pair * attended_pairs
-        compute_s = flops / self._flops_per_s
-        memory_bytes = self._weight_bytes_per_gpu + self._kv_bytes_per_token_per_gpu * kv_tokens_read
-        memory_s = memory_bytes / self._bytes_per_s
-        comm_s = self._comm_fixed_s + self._comm_s_per_token * tokens
-        overhead_s = self._overhead_s + self.params.sequence_overhead_s * sequences
-        return overhead_s + max(compute_s, memory_s) + comm_s
+        fixed = self._tokens_s(tokens) + self._sequences_s(sequences)
+        compute_s = attended_pairs * self._attention_s_per_pair
+        memory_s = kv_tokens_read * self._attention_s_per_kv_token
+        return fixed + max(compute_s, memory_s)
+
+    def _attention(self, attended_pairs: int, kv_tokens_read: int) -> float:
+        return max(
+            attended_pairs * self._attention_s_per_pair, kv_tokens_read * self._attention_s_per_kv_token
+        )
+
+    def _tokens_s(self, tokens: int) -> float:
+        """Everything an iteration of `tokens` tokens costs that does not depend on its sequences."""
+        cost = self._token_memo.get(tokens)
+        if cost is None:
+            shapes, gpu, p = self._shapes, self.gpu, self.params
+            layer = sum(layer_operator_times(shapes, tokens, gpu, p).values())
+            layer += p.layer_overhead_s + ALLREDUCES_PER_LAYER * self._all_reduce_s(tokens)
+            cost = self.model.layers * layer + embedding_time(shapes, tokens, gpu, p)
+            if len(self._token_memo) < MEMO_LIMIT:
+                self._token_memo[tokens] = cost
+        return cost
+
+    def _sequences_s(self, sequences: int) -> float:
+        """The LM head over each sequence's last position, and host-side work per sequence."""
+        cost = self._sequence_memo.get(sequences)
+        if cost is None:
+            cost = lm_head_time(self._shapes, sequences, self.gpu, self.params)
+            cost += sequences * self.params.sequence_overhead_s
+            if len(self._sequence_memo) < MEMO_LIMIT:
+                self._sequence_memo[sequences] = cost
+        return cost
+
+    def _all_reduce_s(self, tokens: int) -> float:
+        return all_reduce_time(tokens * self.model.hidden_size * BF16_BYTES, self.tp, self.gpu, self.params)
+
+
+@cache
+def _shared_memos(
+    gpu: GpuSpec, model: ModelSpec, tp: int, params: CostParams
+) -> tuple[dict[int, float], dict[int, float]]:
+    """The token-count and sequence-count memos of every CostModel of this kind (pure values of their
+    key, so sharing them changes no result)."""
+    return {}, {}
 
 
 def kv_bytes_per_token_per_gpu(model: ModelSpec, tp: int) -> float:
