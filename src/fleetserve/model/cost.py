@@ -150,7 +150,8 @@ class CostModel:
         evaluates `_time`'s expressions in the same order (so skipping ahead gives exactly the times
         stepping does), with what does not change along the run hoisted out. That keeps the simulator's
         skip-ahead cheap, a few hundred nanoseconds per skipped iteration."""
-        fixed = self._tokens_s(num_seqs) + self._sequences_s(num_seqs)
+        token_s = self._token_memo.get(num_seqs) or self._token_cost(num_seqs)
+        fixed = token_s + (self._sequence_memo.get(num_seqs) or self._sequence_cost(num_seqs))
         per_pair = self._attention_s_per_pair
         per_kv_token = self._attention_s_per_kv_token
         start = end
@@ -214,7 +215,10 @@ class CostModel:
         # decode_run repeats these expressions for a run of decode iterations: keep the two in step
         if tokens == 0:
             return 0.0
-        fixed = self._tokens_s(tokens) + self._sequences_s(sequences)
+        # memo hits without a call: this runs once per simulated iteration (costs are never 0, so `or`
+        # falls through only on a miss)
+        token_s = self._token_memo.get(tokens) or self._token_cost(tokens)
+        fixed = token_s + (self._sequence_memo.get(sequences) or self._sequence_cost(sequences))
         compute_s = attended_pairs * self._attention_s_per_pair
         memory_s = kv_tokens_read * self._attention_s_per_kv_token
         return fixed + max(compute_s, memory_s)
@@ -224,26 +228,24 @@ class CostModel:
             attended_pairs * self._attention_s_per_pair, kv_tokens_read * self._attention_s_per_kv_token
         )
 
-    def _tokens_s(self, tokens: int) -> float:
-        """Everything an iteration of `tokens` tokens costs that does not depend on its sequences."""
-        cost = self._token_memo.get(tokens)
-        if cost is None:
-            shapes, gpu, p = self._shapes, self.gpu, self.params
-            layer = sum(layer_operator_times(shapes, tokens, gpu, p).values())
-            layer += p.layer_overhead_s + ALLREDUCES_PER_LAYER * self._all_reduce_s(tokens)
-            cost = self.model.layers * layer + embedding_time(shapes, tokens, gpu, p)
-            if len(self._token_memo) < MEMO_LIMIT:
-                self._token_memo[tokens] = cost
+    def _token_cost(self, tokens: int) -> float:
+        """Everything an iteration of `tokens` tokens costs that does not depend on its sequences;
+        computed on a memo miss and kept while the memo has room."""
+        shapes, gpu, p = self._shapes, self.gpu, self.params
+        layer = sum(layer_operator_times(shapes, tokens, gpu, p).values())
+        layer += p.layer_overhead_s + ALLREDUCES_PER_LAYER * self._all_reduce_s(tokens)
+        cost = self.model.layers * layer + embedding_time(shapes, tokens, gpu, p)
+        if len(self._token_memo) < MEMO_LIMIT:
+            self._token_memo[tokens] = cost
         return cost
 
-    def _sequences_s(self, sequences: int) -> float:
-        """The LM head over each sequence's last position, and host-side work per sequence."""
-        cost = self._sequence_memo.get(sequences)
-        if cost is None:
-            cost = lm_head_time(self._shapes, sequences, self.gpu, self.params)
-            cost += sequences * self.params.sequence_overhead_s
-            if len(self._sequence_memo) < MEMO_LIMIT:
-                self._sequence_memo[sequences] = cost
+    def _sequence_cost(self, sequences: int) -> float:
+        """The LM head over each sequence's last position, and host-side work per sequence; computed on
+        a memo miss and kept while the memo has room."""
+        cost = lm_head_time(self._shapes, sequences, self.gpu, self.params)
+        cost += sequences * self.params.sequence_overhead_s
+        if len(self._sequence_memo) < MEMO_LIMIT:
+            self._sequence_memo[sequences] = cost
         return cost
 
     def _all_reduce_s(self, tokens: int) -> float:
