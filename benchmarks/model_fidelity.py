@@ -96,9 +96,9 @@ def collectives() -> str:
     return (
         f"A40 send/recv within one node ({len(sizes)} sizes) against the catalog's A40 link with the "
         f"A100-fitted efficiency: median error {np.median(errors):.0f}%; messages of 8 MB and more move at "
-        f"{measured_gbps:.1f} GB/s measured, {predicted_gbps:.1f} "
-        "GB/s predicted: that machine apparently staged GPU-to-GPU copies through the host (no NVLink bridge or P2P "
-        "path in use, despite the folder's name), so these profiles cannot check an interconnect model"
+        f"{measured_gbps:.1f} GB/s measured, {predicted_gbps:.1f} GB/s predicted: that machine apparently "
+        "staged GPU-to-GPU copies through the host (no NVLink bridge or P2P path in use, despite the "
+        "folder's name), so these profiles cannot check an interconnect model"
     )
 
 

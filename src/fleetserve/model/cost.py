@@ -23,7 +23,6 @@ per engine and kept (bounded), and an iteration costs two dictionary lookups and
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -97,7 +96,10 @@ class CostModel:
         p = self.params
         self._shapes = LayerShapes.of(model, tp)
         self._weight_bytes_per_gpu = model.weight_bytes / tp
-        self._kv_bytes_per_token_per_gpu = kv_bytes_per_token_per_gpu(model, tp)
+        # K and V of the KV heads this GPU holds (replicated ones included), every layer
+        self._kv_bytes_per_token_per_gpu = (
+            2 * model.layers * self._shapes.kv_heads_per_gpu * model.head_dim * BF16_BYTES
+        )
         # attention over all layers: 4 FLOPs per head dimension per (query, key) pair (QK^T and PV)
         attention_flops_per_pair = 4.0 * model.layers * self._shapes.attention_width
         self._attention_s_per_pair = attention_flops_per_pair / (
@@ -259,10 +261,3 @@ def _shared_memos(
     """The token-count and sequence-count memos of every CostModel of this kind (pure values of their
     key, so sharing them changes no result)."""
     return {}, {}
-
-
-def kv_bytes_per_token_per_gpu(model: ModelSpec, tp: int) -> float:
-    """Each GPU holds the KV heads of its attention heads; with more GPUs than KV heads, vLLM replicates
-    KV heads so every GPU still holds at least one."""
-    heads_per_gpu = math.ceil(model.kv_heads / tp)
-    return 2 * model.layers * heads_per_gpu * model.head_dim * BF16_BYTES

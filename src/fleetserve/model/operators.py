@@ -70,7 +70,6 @@ class LayerShapes:
     norms: int  # 2, or 1 when attention and MLP read the same normalised input
     vocab_shard: int
     kv_heads_per_gpu: int
-    head_dim: int
 
     @classmethod
     def of(cls, model: ModelSpec, tp: int) -> LayerShapes:
@@ -87,7 +86,6 @@ class LayerShapes:
             norms=1 if model.parallel_attention else 2,
             vocab_shard=math.ceil(model.vocab_size / tp),
             kv_heads_per_gpu=kv_heads,
-            head_dim=model.head_dim,
         )
 
 
