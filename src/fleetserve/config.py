@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -28,7 +29,9 @@ from pydantic import (
 from fleetserve.errors import InputError
 
 if TYPE_CHECKING:
+    from fleetserve.model.catalog import Catalog
     from fleetserve.pipeline import Stage
+    from fleetserve.tenants import TenantDirectory
 
 EngineKind = Literal["emulated", "llamacpp", "vllm", "sglang", "external"]
 MetricsDialect = Literal["vllm", "sglang", "trtllm", "llamacpp", "none"]
@@ -53,6 +56,20 @@ class EngineArgs(_Strict):
     max_loras: int = Field(4, ge=0, description="LoRA adapters resident in GPU slots at once.")
     max_cpu_loras: int = Field(16, ge=0, description="LoRA adapters cached in host memory.")
     max_lora_rank: int = Field(16, ge=1, description="Largest adapter rank accepted.")
+
+
+# A LoRA adapter's name as clients request it and engines load it: a Hugging Face style `name` or
+# `org/name`, never a path (no `..`, no leading `/`, no `~`): names reach engines' adapter loaders.
+ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(/[A-Za-z0-9][A-Za-z0-9._-]{0,127})?$"
+
+
+def check_adapter_names(names: tuple[str, ...] | list[str]) -> None:
+    for name in names:
+        if not re.match(ADAPTER_NAME, name) or ".." in name:
+            raise ValueError(
+                f"adapter name {name[:80]!r} is not a name: use letters, digits, `.`, `_`, `-` and at most"
+                " one `/` (org/name), with no `..`"
+            )
 
 
 # An engine publishing KV events binds two ZMQ ports derived from its HTTP port, so replicas on
@@ -85,7 +102,10 @@ class EngineGroup(_Strict):
     url: str | None = Field(None, description="Base URL of an engine that is already running.")
     dialect: MetricsDialect = Field("vllm", description="Which metric names the engine exposes.")
     port: int | None = Field(None, ge=1, le=65535, description="First port for launched replicas.")
-    adapters: list[str] = Field(default_factory=list, description="LoRA adapters loaded at start.")
+    adapters: list[str] = Field(
+        default_factory=list,
+        description="LoRA adapters loaded at start: NAME (also its path or Hugging Face id) or NAME=PATH.",
+    )
     time_scale: float = Field(1.0, gt=0, description="Emulated engines: stretch every duration by this.")
     forward_auth: bool = Field(
         True,
@@ -113,6 +133,13 @@ class EngineGroup(_Strict):
         " count tokens with it; unset, both use the built-in hashing tokenizer. It belongs to the model:"
         " every line of the same `model` uses it, and two lines may not name different files.",
     )
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, adapters: list[str]) -> list[str]:
+        # the fleet file is the operator's: NAME=PATH may name any path, the NAME part must be a name
+        check_adapter_names([adapter.partition("=")[0] for adapter in adapters])
+        return adapters
 
     @field_validator("tokenizer")
     @classmethod
@@ -188,7 +215,9 @@ class StageConfig(_Strict):
 
     @model_validator(mode="after")
     def _known_stage(self) -> StageConfig:
-        from fleetserve.pipeline import make_stage  # the pipeline room imports no configuration: no cycle
+        from fleetserve.pipeline.registry import (
+            make_stage,  # the pipeline room imports no configuration: no cycle
+        )
 
         make_stage(self.stage, self.params)  # names an unknown stage, a bad parameter or value
         return self
@@ -321,6 +350,86 @@ def _resolve(value: str, info: ValidationInfo) -> Path:
     return Path(os.path.normpath(path.absolute()))
 
 
+TENANT_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class AuthConfig(_Strict):
+    required: bool = Field(
+        False,
+        description="Every request must carry a tenant's key as `Authorization: Bearer KEY` (else 401);"
+        " off: a request without a known key is tenant `anonymous`.",
+    )
+
+
+class RedisConfig(_Strict):
+    url: SecretStr = Field(
+        description="Redis the gateway replicas share quotas and VTC counters through, e.g."
+        " redis://127.0.0.1:6379/0 (a password in it stays out of logs)."
+    )
+    fail_closed: bool = Field(
+        False,
+        description="While Redis is unreachable, refuse requests of tenants with limits (503) instead of"
+        " enforcing the limits per replica until it is back.",
+    )
+    key_prefix: str = Field(
+        "fleetserve", pattern=r"^[A-Za-z0-9:_-]+$", description="Prefix of every key fleetserve writes."
+    )
+    sync_interval_s: float = Field(
+        0.5, gt=0, le=60, description="How often a replica shares its VTC counters (their staleness bound)."
+    )
+    timeout_s: float = Field(
+        0.25, gt=0, description="A Redis call slower than this counts as Redis being unreachable."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _redis_scheme(cls, url: SecretStr) -> SecretStr:
+        if not url.get_secret_value().startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("a Redis URL starts with redis://, rediss:// or unix://")
+        return url
+
+
+class LimitsConfig(_Strict):
+    rpm: int | None = Field(None, ge=1, description="Requests per minute (sliding window); none: unlimited.")
+    tpm: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens per minute: prompt tokens at admission plus output tokens once produced.",
+    )
+    max_in_flight: int | None = Field(None, ge=1, description="Requests admitted and not yet answered.")
+    max_queue_s: float = Field(
+        30.0, gt=0, description="Longest wait in the fair queue (`vtc` stage) before 429."
+    )
+
+
+class TenantConfig(_Strict):
+    name: str = Field(pattern=TENANT_NAME, description="Tenant name, as metrics and logs show it.")
+    key_sha256: list[str] = Field(
+        default_factory=list,
+        description="SHA-256 hex digests of the tenant's API keys (`fleetserve tenant key` makes a key"
+        " and its digest); the keys themselves are never stored.",
+    )
+    weight: float = Field(
+        1.0, gt=0, description="Share of a saturated fleet relative to other tenants (VTC)."
+    )
+    priority: int = Field(
+        0, ge=-8, le=8, description="Band: higher bands get a larger share; below 0 is shed under pressure."
+    )
+    models: list[str] | None = Field(
+        None, description="Models and adapters the tenant may use (403 otherwise); omitted: all."
+    )
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+
+    @field_validator("key_sha256")
+    @classmethod
+    def _hex_digests(cls, digests: list[str]) -> list[str]:
+        for digest in digests:
+            if len(digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digest):
+                # the message must not echo the value: a key pasted here by mistake stays out of logs
+                raise ValueError("each key_sha256 entry is a 64-character hex SHA-256 digest of a key")
+        return [digest.lower() for digest in digests]
+
+
 class EmulatorConfig(_Strict):
     host: str = Field("127.0.0.1", description="Address the emulated engines listen on.")
     base_port: int = Field(8100, ge=1, le=65535, description="Port of the first emulated engine.")
@@ -335,6 +444,47 @@ class FleetConfig(_Strict):
     slo: SLOConfig = Field(default_factory=SLOConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     emulator: EmulatorConfig = Field(default_factory=EmulatorConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    redis: RedisConfig | None = Field(
+        None, description="Shared quotas and VTC counters; without it limits are per gateway replica."
+    )
+    tenants: list[TenantConfig] = Field(default_factory=list, description="The fleet's tenants.")
+
+    @field_validator("tenants")
+    @classmethod
+    def _unique_tenants(cls, tenants: list[TenantConfig]) -> list[TenantConfig]:
+        names: set[str] = set()
+        owner: dict[str, str] = {}
+        for index, tenant in enumerate(tenants):
+            if tenant.name in names:
+                raise ValueError(f"tenants[{index}]: tenant name {tenant.name!r} appears twice")
+            names.add(tenant.name)
+            for digest in tenant.key_sha256:
+                if digest in owner:
+                    raise ValueError(
+                        f"tenants[{index}]: a key of {tenant.name} is also a key of {owner[digest]}"
+                    )
+                owner[digest] = tenant.name
+        return tenants
+
+    def tenant_directory(self) -> TenantDirectory:
+        """The tenants as the pipeline's stages and the gateway see them."""
+        from fleetserve.tenants import Limits, Tenant, TenantDirectory
+
+        return TenantDirectory(
+            (
+                Tenant(
+                    entry.name,
+                    tuple(entry.key_sha256),
+                    entry.weight,
+                    entry.priority,
+                    None if entry.models is None else frozenset(entry.models),
+                    Limits(**entry.limits.model_dump()),
+                )
+                for entry in self.tenants
+            ),
+            required=self.auth.required,
+        )
 
     @field_validator("engines")
     @classmethod
@@ -352,11 +502,15 @@ class FleetConfig(_Strict):
                 )
         return engines
 
-    def stages(self) -> list[Stage]:
+    def stages(self, catalog: Catalog | None = None) -> list[Stage]:
         """Fresh objects for the `pipeline:` stages (each gateway and each simulation owns its own)."""
-        from fleetserve.pipeline import make_pipeline
+        from fleetserve.pipeline.registry import make_pipeline
 
-        return make_pipeline((entry.stage, entry.params) for entry in self.pipeline)
+        return make_pipeline(
+            ((entry.stage, entry.params) for entry in self.pipeline),
+            tenants=self.tenant_directory(),
+            catalog=catalog,
+        )
 
     def model_tokenizers(self) -> dict[str, str]:
         """model -> the tokenizer.json the fleet file names for it (on any of its lines)."""
@@ -425,6 +579,12 @@ class EngineDescription(_Strict):
     )
     group: str | None = Field(None, description="The fleet file's engine group it belongs to, if any.")
 
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, adapters: tuple[str, ...]) -> tuple[str, ...]:
+        check_adapter_names(adapters)
+        return adapters
+
     @field_validator("url")
     @classmethod
     def _no_trailing_slash(cls, url: str) -> str:
@@ -453,7 +613,7 @@ class EngineInstance:
             gpu=group.gpu,
             tp=group.tp,
             dialect=group.dialect,
-            adapters=tuple(group.adapters),
+            adapters=tuple(adapter.partition("=")[0] for adapter in group.adapters),
             block_size=group.engine_args.block_size,
             max_loras=group.engine_args.max_loras,
             time_scale=group.time_scale if ENGINE_KINDS[group.kind].has_time_scale else 1.0,

@@ -40,13 +40,17 @@ def build_named(
     seed: int | None = None,
     *,
     plural: str,
+    provided: Mapping[str, Any] | None = None,
 ) -> T:
-    """`classes[name](**params)`; `seed` is passed when the class takes one. Raises UnknownName or
-    BadParameters with a message that lists what is valid (`plural` names the kind in that list)."""
+    """`classes[name](**params)`; `seed` is passed when the class takes one, and so is each of
+    `provided` (objects the caller owns, such as the fleet's tenants, which `params` may not set). Raises
+    UnknownName or BadParameters with a message that lists what is valid (`plural` names the kind in
+    that list)."""
     cls = classes.get(name)
     if cls is None:
         raise UnknownName(f"unknown {kind} {name!r}; valid {plural}: {', '.join(sorted(classes))}")
-    accepted = keyword_parameters(cls)
+    given = {"seed": seed, **(provided or {})}
+    accepted = keyword_parameters(cls) - set(provided or ())
     chosen = dict(params or {})
     unknown = sorted(set(chosen) - accepted)
     if unknown:
@@ -54,8 +58,8 @@ def build_named(
         raise BadParameters(
             f"{kind} {name!r} has no parameter {', '.join(unknown)}; valid parameters: {valid}"
         )
-    if seed is not None and "seed" in accepted:
-        chosen["seed"] = seed
+    takes = keyword_parameters(cls)
+    chosen.update({key: value for key, value in given.items() if value is not None and key in takes})
     try:
         return cls(**chosen)
     except (TypeError, ValueError) as exc:  # a value of the wrong type, or out of the class's range

@@ -54,8 +54,13 @@ class Processes:
         return process
 
     def gateway(
-        self, engines: list[Process | dict[str, Any]], router: dict | None = None, **gateway: Any
+        self,
+        engines: list[Process | dict[str, Any]],
+        router: dict | None = None,
+        fleet_extra: dict[str, Any] | None = None,
+        **gateway: Any,
     ) -> Process:
+        """`fleet_extra`: more top-level keys of the fleet file (tenants, auth, redis, pipeline)."""
         port = free_port()
         fleet = {
             "engines": [
@@ -66,12 +71,31 @@ class Processes:
             ],
             "router": {"debug_header": True, **(router or {})},
             "gateway": {"health_interval_s": 0.2, "scrape_interval_s": 0.2, **gateway},
+            **(fleet_extra or {}),
         }
         path = self.tmp_path / f"fleet-{port}.yaml"
         path.write_text(yaml.safe_dump(fleet))
         argv = [str(FLEETSERVE), "serve", "-c", str(path), "--port", str(port), "--no-launch"]
         process = self._spawn(argv, f"http://127.0.0.1:{port}", "gateway")
         wait_until(lambda: answers(process.url + "/ready"), timeout=30, message="gateway ready")
+        return process
+
+    def redis(self, port: int | None = None) -> Process:
+        """A real `redis-server` (Debian's) on a free loopback port, keeping nothing on disk."""
+        port = port or free_port()
+        argv = [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]
+        process = self._spawn(argv, f"redis://127.0.0.1:{port}/0", "redis")
+        wait_until(lambda: redis_answers(port), timeout=20, message="redis-server up")
         return process
 
     def _spawn(self, argv: list[str], url: str, name: str) -> Process:
@@ -100,6 +124,18 @@ def answers(url: str) -> bool:
         with urllib.request.urlopen(url, timeout=2) as response:
             return response.status == 200
     except (urllib.error.URLError, OSError):
+        return False
+
+
+def redis_answers(port: int) -> bool:
+    """True once a Redis server on the port answers PING (spoken in RESP over a plain socket)."""
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as connection:
+            connection.sendall(b"PING\r\n")
+            return connection.recv(64).startswith(b"+PONG")
+    except OSError:
         return False
 
 

@@ -9,7 +9,8 @@ Its behaviour can be changed at run time with `POST /control {"mode": ...}`:
     die_mid_stream          stream `die_after` chunks plus half of the next event, then exit
     error                   answer completions with HTTP 500
 and `{"linger_after_done_s": S}` holds a stream open S seconds after its `data: [DONE]`.
-`GET /control` returns the state, with the Authorization header of the last completion request.
+`GET /control` returns the state, with the Authorization header of the last completion request and the
+`user` field of every completion request in the order they arrived (`seen`).
 Every completion answer carries the server's name, so a test can tell which engine served it.
 """
 
@@ -25,7 +26,14 @@ from aiohttp import web
 
 
 def build_app(args: argparse.Namespace) -> web.Application:
-    state: dict[str, object] = {"mode": "ok", "die_after": 2, "linger_after_done_s": 0, "authorization": None}
+    seen: list[object] = []
+    state: dict[str, object] = {
+        "mode": "ok",
+        "die_after": 2,
+        "linger_after_done_s": 0,
+        "authorization": None,
+        "seen": seen,
+    }
     counters = {"running": 0, "served": 0}
     forever = asyncio.Event()
 
@@ -60,6 +68,7 @@ def build_app(args: argparse.Namespace) -> web.Application:
     async def completion(request: web.Request) -> web.StreamResponse:
         body = orjson.loads(await request.read())
         state["authorization"] = request.headers.get("Authorization")
+        seen.append(body.get("user"))
         mode = state["mode"]
         if mode == "hang":
             await forever.wait()

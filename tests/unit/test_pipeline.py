@@ -9,8 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fleetserve.named import BadParameters, UnknownName
-from fleetserve.pipeline import PROCEED, Hold, Refuse, Refused, RequestPath, make_stage
+from fleetserve.pipeline import PROCEED, Hold, Refuse, Refused, RequestPath
 from fleetserve.pipeline.priority import PriorityQueueStage
+from fleetserve.pipeline.registry import make_stage
 from fleetserve.routing import EngineView, FleetView, Policy, make_policy
 from fleetserve.routing.base import Decision, RequestInfo
 

@@ -38,6 +38,7 @@ class BenchRequest:
     input_tokens: int  # the length the prompt was built for; the server's count may differ slightly
     max_tokens: int
     model: str
+    tenant: str | None = None  # sent as x-fleetserve-tenant (a gateway without required keys honours it)
 
 
 @dataclass(slots=True)
@@ -125,7 +126,10 @@ class StreamingClient:
         start = time.perf_counter()
         record.sent_at = start - run_start
         try:
-            async with self._session.post(self.url, data=payload, timeout=self._timeout) as response:
+            headers = None if request.tenant is None else {"x-fleetserve-tenant": request.tenant}
+            async with self._session.post(
+                self.url, data=payload, timeout=self._timeout, headers=headers
+            ) as response:
                 record.status = response.status
                 if response.status != 200:
                     text = await response.text(errors="replace")

@@ -237,4 +237,5 @@ def _bench_requests(trace: Iterable[TraceRequest], config: BenchConfig) -> Itera
             max_tokens=max(request.output_length, 1),
             # vLLM serves a LoRA adapter under its own model name.
             model=request.adapter or config.model,
+            tenant=request.tenant,
         )

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "workload": ("fleetserve.cli.workload", "workload", "Generate and summarise request traces."),
     "sim": ("fleetserve.cli.sim", "sim", "Replay a trace against a simulated fleet."),
     "bench": ("fleetserve.cli.bench", "bench", "Load-test a live OpenAI-compatible endpoint."),
+    "tenant": ("fleetserve.cli.tenant", "tenant", "Make API keys for the fleet file's tenants."),
 }
 
 

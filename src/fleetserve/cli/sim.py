@@ -157,7 +157,30 @@ def _print_summary(summary: dict[str, Any]) -> None:
     table.add_row("preemptions", str(summary["preemptions"]))
     table.add_row("cost", f"${summary['cost_usd']:.2f} over {summary['duration_s']:.1f} s simulated")
     table.add_row("speed", f"{summary['sim_requests_per_s']:.0f} requests/s in {summary['wall_s']:.2f} s")
-    make_console().print(table)
+    console = make_console()
+    console.print(table)
+    if "per_tenant" in summary:
+        console.print(_tenant_table(summary["per_tenant"], summary["jain_fairness"]))
+
+
+def _tenant_table(per_tenant: dict[str, Any], jain: float) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"per tenant (Jain's fairness index over service / weight: {jain:.3f})")
+    for column in ("tenant", "requests", "completed", "429", "output tok/s", "TTFT p50 ms", "TTFT p99 ms"):
+        table.add_column(column, justify="left" if column == "tenant" else "right")
+    for name, row in per_tenant.items():
+        ttft = row["ttft_ms"]
+        table.add_row(
+            name,
+            str(row["requests"]),
+            str(row["completed"]),
+            str(row["rejected_429"]),
+            f"{row['throughput_tok_s']:.0f}",
+            "-" if ttft["p50"] is None else f"{ttft['p50']:.1f}",
+            "-" if ttft["p99"] is None else f"{ttft['p99']:.1f}",
+        )
+    return table
 
 
 @click.group("sim", invoke_without_command=True)

@@ -217,6 +217,15 @@ def _parse_models(values: tuple[str, ...]) -> list[tuple[str, float]]:
     help="Zipf exponent of tenant popularity (0 = uniform).",
 )
 @click.option(
+    "--tenant-share",
+    "tenant_shares",
+    type=click.FloatRange(min=0, min_open=True),
+    multiple=True,
+    metavar="SHARE",
+    help="Relative request rate of tenant-0, tenant-1, ... in order; repeat once per tenant (sets"
+    " --tenants), e.g. --tenant-share 10 --tenant-share 1 --tenant-share 1 for one tenant flooding.",
+)
+@click.option(
     "--system-prompt",
     type=click.IntRange(min=0),
     default=0,
@@ -275,6 +284,7 @@ def gen(
     think_time: float,
     tenants: int,
     tenant_zipf: float,
+    tenant_shares: tuple[float, ...],
     system_prompt: int,
     adapters: int,
     adapter_zipf: float,
@@ -295,6 +305,8 @@ def gen(
           --input empirical:azure_llm_2023_conv.csv --output empirical:azure_llm_2023_conv.csv
       fleetserve workload gen --rate 2 --duration 3600 --sessions 4 --tenants 8 --system-prompt 2048 \\
           --adapters 50 --adapter-zipf 1.2 -o agents.jsonl
+      fleetserve workload gen --rate 30 --duration 300 --tenant-share 10 --tenant-share 1 \
+          --tenant-share 1 -o flood.jsonl
     """
     if (duration is None) == (num is None):
         raise click.UsageError("give exactly one of --duration and --num")
@@ -313,8 +325,9 @@ def gen(
             max_output_length=max_output,
             turns=turns,
             think_time_s=think_time,
-            tenants=tenants,
+            tenants=len(tenant_shares) or tenants,
             tenant_zipf=tenant_zipf,
+            tenant_shares=tenant_shares,
             system_prompt_tokens=system_prompt,
             adapters=adapters,
             adapter_zipf=adapter_zipf,

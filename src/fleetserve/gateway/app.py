@@ -30,6 +30,7 @@ from fleetserve.gateway.asgi import Receive, Scope, Send, send_bytes, send_error
 from fleetserve.gateway.dispatch import Dispatcher, ModelIndex
 from fleetserve.gateway.metrics import GatewayMetrics
 from fleetserve.gateway.proxy import Proxy
+from fleetserve.gateway.tenancy import Tenancy
 from fleetserve.gateway.tokens import PromptTokenizer
 from fleetserve.model.catalog import Catalog, default_catalog
 from fleetserve.protocol.errors import APIError
@@ -62,8 +63,15 @@ class Gateway:
         self.models = ModelIndex(self.registry, time.time)
         self.views = ViewBuilder(self.registry, catalog)
         self.dispatcher = Dispatcher(
-            router, self.registry, self.views, self.metrics, seed, stages=config.stages(), slo=config.slo
+            router,
+            self.registry,
+            self.views,
+            self.metrics,
+            seed,
+            stages=config.stages(catalog),
+            slo=config.slo,
         )
+        self.tenancy = Tenancy(config, self.metrics, self.dispatcher.path.stages)
         self.proxy = Proxy(
             config.gateway,
             self.dispatcher,
@@ -71,6 +79,7 @@ class Gateway:
             self.metrics,
             self.session,
             router.debug_header,
+            tenancy=self.tenancy,
             tokenizer=PromptTokenizer(catalog or default_catalog(), config.model_tokenizers()),
         )
         # starts, drains and stops engines for the admin API; set by whoever can launch them (`serve`)
@@ -175,6 +184,7 @@ class Gateway:
             timeout_s=min(settings.connect_timeout_s, max(settings.scrape_interval_s, 0.5)),
         )
         self._tasks = [asyncio.create_task(self._health.run()), asyncio.create_task(scraper.run())]
+        await self.tenancy.start()
         for engine_id, endpoints in self._kv_endpoints.items():
             await self._follow(engine_id, endpoints)
 
@@ -186,6 +196,7 @@ class Gateway:
                 await task
         self._tasks = []
         self._health = None
+        await self.tenancy.close()
         for pending in list(self._pending):
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await pending

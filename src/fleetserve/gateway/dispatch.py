@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import time
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
@@ -169,17 +170,16 @@ class Dispatcher:
         listing must not keep the old state."""
         self._registry.changed()
 
-    def finished(self, session: RequestSession, now: float, status: int, latency_s: float) -> None:
+    def finished(
+        self, session: RequestSession, now: float, status: int, latency_s: float, output_tokens: int = 0
+    ) -> None:
         """The request has ended; requests its end makes room for go on."""
-        session.finished(now, status, 0, latency_s)
+        session.finished(now, status, output_tokens, latency_s)
         self._release(now)
 
     def _refused(self, refusal: Refuse) -> APIError:
         self._metrics.refusals.labels(refusal.reason).inc()
-        headers = None
-        if refusal.retry_after_s is not None:
-            headers = {"Retry-After": str(max(1, round(refusal.retry_after_s)))}
-        return APIError(refusal.status, refusal.message, headers=headers)
+        return refusal_error(refusal)
 
     def _release(self, now: float) -> None:
         if not self.path.held:
@@ -188,3 +188,13 @@ class Dispatcher:
             wakeup = self._wakeups.get(session.info.request_id)
             if wakeup is not None and not wakeup.done():
                 wakeup.set_result(None)
+
+
+def refusal_error(refusal: Refuse) -> APIError:
+    """The OpenAI-shaped error a stage's refusal reaches the client as."""
+    headers = dict(refusal.headers)
+    if refusal.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(refusal.retry_after_s)))
+    return APIError(
+        refusal.status, refusal.message, headers=headers, error_type=refusal.error_type, code=refusal.code
+    )

@@ -75,6 +75,31 @@ class GatewayMetrics:
             "Requests admitted by the gateway and not yet answered.",
             registry=self.registry,
         )
+        self.tenant_requests = Counter(
+            "fleetserve_tenant_requests",
+            "Requests answered, by tenant and HTTP status (the tenant's name, never its key).",
+            ["tenant", "status"],
+            registry=self.registry,
+        )
+        self.tenant_tokens = Counter(
+            "fleetserve_tenant_tokens",
+            "Tokens of answered requests, by tenant and kind (prompt, output).",
+            ["tenant", "kind"],
+            registry=self.registry,
+        )
+        self.tenant_refusals = Counter(
+            "fleetserve_tenant_refusals",
+            "Requests refused by the tenant checks, by tenant and reason (unauthorized, forbidden_model,"
+            " quota, quota_too_large, quota_store_down).",
+            ["tenant", "reason"],
+            registry=self.registry,
+        )
+        self.quota_shared = Gauge(
+            "fleetserve_quota_shared",
+            "1 while quotas and VTC counters are shared through Redis; 0 while limits are per replica"
+            " (no Redis configured, or Redis unreachable).",
+            registry=self.registry,
+        )
         self.held = Gauge(
             "fleetserve_gateway_requests_held",
             "Requests a pipeline stage holds (waiting for room in the fleet) right now.",

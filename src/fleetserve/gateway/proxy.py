@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from fleetserve.gateway.admission import (
 from fleetserve.gateway.asgi import Receive, Scope, Send, header_map, send_bytes, send_error
 from fleetserve.gateway.dispatch import Dispatcher, ModelIndex
 from fleetserve.gateway.metrics import GatewayMetrics
+from fleetserve.gateway.tenancy import Admitted, Tenancy
 from fleetserve.gateway.tokens import PromptTokenizer
 from fleetserve.pipeline import Answer, RequestSession
 from fleetserve.protocol.errors import APIError
@@ -44,6 +46,8 @@ CLIENT_CLOSED = 499  # nginx's convention for "the client went away", used as a 
 EVENT_SEPARATORS = (b"\n\n", b"\r\n\r\n")
 UPSTREAM_HEADERS = {"content-type": "application/json"}
 DONE_EVENTS = (b"data: [DONE]\n\n", b"data: [DONE]\r\n\r\n")
+JSON_EVENT = b"data: {"
+COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 
 
 @dataclass(slots=True)
@@ -57,10 +61,12 @@ class Exchange:
     headers: dict[str, str]  # sent to every engine
     arrival: float
     send: Send
+    admitted: Admitted
     headers_with_auth: dict[str, str] | None = None  # plus the client's Authorization, for trusted engines
     engine_id: str = ""  # the engine of the current attempt
     completing: bool = False  # the answer is complete for the client; a disconnect now changes nothing
     status: int = 500  # what the client got, once it has it (500 until then: a bug ends it that way)
+    output_tokens: int = 0  # the answer's usage, or the stream's events until a usage chunk says
 
     def headers_for(self, engine: EngineState) -> dict[str, str]:
         if engine.spec.forward_auth and self.headers_with_auth is not None:
@@ -79,10 +85,11 @@ class Proxy:
         debug_header: bool,
         clock: Callable[[], float] = time.monotonic,
         *,
+        tenancy: Tenancy,
         tokenizer: PromptTokenizer | None = None,
     ) -> None:
         """`tokenizer` gives policies the prompt's token ids (for prefix hashing) when the model is
-        known."""
+        known; `tenancy` says which tenant a request is and checks its quotas."""
         self._config = config
         self._tokenizer = tokenizer
         self._dispatcher = dispatcher
@@ -91,6 +98,7 @@ class Proxy:
         self._session = session
         self._debug_header = debug_header
         self._clock = clock
+        self._tenancy = tenancy
         self.gate = AdmissionGate(config.max_queue)
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, endpoint: Endpoint) -> None:
@@ -136,9 +144,14 @@ class Proxy:
         body: bytes,
     ) -> None:
         model = ""
+        tenancy = self._tenancy
         try:
+            tenant, keyed = tenancy.identify(
+                headers.get(b"authorization"), _text(headers.get(b"x-fleetserve-tenant"))
+            )
             parsed = parse_request(body, endpoint)
             model = parsed.model
+            tenancy.authorise(tenant, model)  # before the model index: a 403 must not say what exists
             base_model, adapter = self._models.resolve(model)
             policy = self._dispatcher.policy_for(headers.get(b"x-fleetserve-policy"))
             priority = _priority(headers.get(b"x-fleetserve-priority"))
@@ -151,22 +164,30 @@ class Proxy:
             if self._tokenizer is None
             else self._tokenizer.token_ids(parsed.payload, endpoint, base_model)
         )
+        prompt_len = len(token_ids) if token_ids else parsed.prompt_len
+        try:
+            admitted = await tenancy.admit(tenant, prompt_len)
+        except APIError as error:
+            self._count(model, "", error.status)
+            self._metrics.tenant_requests.labels(tenant.name, str(error.status)).inc()
+            await send_error(send, error)
+            return
         session = self._dispatcher.path.open(
             self._dispatcher.next_request_id(),
             base_model,
             adapter=adapter,
-            prompt_len=len(token_ids) if token_ids else parsed.prompt_len,
+            prompt_len=prompt_len,
             max_output_tokens=parsed.max_output_tokens,
             prompt_token_ids=token_ids,
-            tenant=_text(headers.get(b"x-fleetserve-tenant")) or _user(parsed),
+            tenant=tenant.name,
             session=_text(headers.get(b"x-session-id") or headers.get(b"x-fleetserve-session"))
             or _user(parsed),
             priority=priority,
             arrival=arrival,
             policy=policy,
         )
-        exchange = Exchange(parsed, body, scope["path"], session, UPSTREAM_HEADERS, arrival, send)
-        if b"authorization" in headers:
+        exchange = Exchange(parsed, body, scope["path"], session, UPSTREAM_HEADERS, arrival, send, admitted)
+        if b"authorization" in headers and not keyed:
             exchange.headers_with_auth = {
                 **UPSTREAM_HEADERS,
                 "authorization": headers[b"authorization"].decode("latin-1"),
@@ -208,7 +229,23 @@ class Proxy:
         finally:
             watcher.cancel()
             now = self._clock()
-            self._dispatcher.finished(exchange.session, now, exchange.status, now - exchange.arrival)
+            output_tokens = exchange.output_tokens
+            self._dispatcher.finished(
+                exchange.session, now, exchange.status, now - exchange.arrival, output_tokens
+            )
+            await self._settle(exchange)
+
+    async def _settle(self, exchange: Exchange) -> None:
+        """The tenant's side of a request that ended: quota counts and per-tenant metrics."""
+        admitted = exchange.admitted
+        name = admitted.tenant.name
+        self._metrics.tenant_requests.labels(name, str(exchange.status)).inc()
+        if exchange.status == 200:
+            tokens = self._metrics.tenant_tokens
+            tokens.labels(name, "prompt").inc(exchange.session.info.prompt_len)
+            if self._tenancy.counts_output:  # answers are read for usage only when something charges it
+                tokens.labels(name, "output").inc(exchange.output_tokens)
+        await self._tenancy.finished(admitted, exchange.output_tokens)
 
     async def _send_answer(self, exchange: Exchange, answer: Answer) -> None:
         """A stage's own answer: JSON, or one SSE event and [DONE] for a streaming request."""
@@ -313,7 +350,9 @@ class Proxy:
     ) -> None:
         engine.health.request_succeeded(self._clock())
         exchange.completing = True
-        await exchange.send(self._start(response, decision, len(body)))
+        if self._tenancy.counts_output and response.status == 200:
+            exchange.output_tokens = _completion_tokens(body)
+        await exchange.send(self._start(exchange, response, decision, len(body)))
         await exchange.send({"type": "http.response.body", "body": body})
         elapsed = self._clock() - exchange.arrival
         model = exchange.parsed.model
@@ -331,7 +370,10 @@ class Proxy:
         chunk: bytes,
     ) -> None:
         send, model = exchange.send, exchange.parsed.model
-        await send(self._start(response, decision, None))
+        await send(self._start(exchange, response, decision, None))
+        counts_output = self._tenancy.counts_output
+        events_seen = 0
+        usage_tokens: int | None = None
         last_sent = self._clock()
         self._metrics.ttft.labels(model).observe(last_sent - exchange.arrival)
         inter_token = self._metrics.inter_token.labels(model)
@@ -348,6 +390,11 @@ class Proxy:
                         # a client may close as soon as it has [DONE] (guidellm does): that is a success
                         if events.endswith(DONE_EVENTS):
                             exchange.completing = True
+                        if counts_output:
+                            events_seen += events.count(JSON_EVENT)
+                            if b"completion_tokens" in events:
+                                usage_tokens = _last_completion_tokens(events, usage_tokens)
+                            exchange.output_tokens = events_seen if usage_tokens is None else usage_tokens
                         await send({"type": "http.response.body", "body": events, "more_body": True})
                         now = self._clock()
                         inter_token.observe(now - last_sent)
@@ -372,11 +419,12 @@ class Proxy:
         exchange.status = status
 
     def _start(
-        self, response: aiohttp.ClientResponse, decision: Decision, length: int | None
+        self, exchange: Exchange, response: aiohttp.ClientResponse, decision: Decision, length: int | None
     ) -> dict[str, object]:
         headers = [
             (b"content-type", response.headers.get("content-type", "application/json").encode("latin-1"))
         ]
+        headers += [(name.encode(), value.encode()) for name, value in exchange.admitted.headers]
         if length is None:
             headers.append((b"cache-control", b"no-cache"))
         else:
@@ -445,3 +493,18 @@ def _text(value: bytes | None) -> str | None:
 def _user(parsed: ParsedRequest) -> str | None:
     user = parsed.payload.get("user")
     return user if isinstance(user, str) else None
+
+
+def _completion_tokens(body: bytes) -> int:
+    """`usage.completion_tokens` of a whole answer (0 when it has none)."""
+    try:
+        usage = orjson.loads(body).get("usage")
+        tokens = usage.get("completion_tokens", 0) if isinstance(usage, dict) else 0
+    except (orjson.JSONDecodeError, AttributeError):
+        return 0
+    return tokens if isinstance(tokens, int) else 0
+
+
+def _last_completion_tokens(events: bytes, previous: int | None) -> int | None:
+    found = COMPLETION_TOKENS.findall(events)
+    return int(found[-1]) if found else previous

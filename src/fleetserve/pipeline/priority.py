@@ -1,26 +1,25 @@
 """`priority`: an admission queue ordered by priority, FIFO within a priority.
 
-While the fleet has room a request goes straight through. The fleet is full for a model when the
-requests this stage has let through and not seen finish reach its slots: `slots_per_engine` for each
-healthy, ready engine of the model, times the engine's relative capacity (an H100 counts for as many
-L4s as it is faster, which llm-d's saturation detector, averaging engines as equals, does not). Then a
-request waits here, and each finish lets the most important waiting request of that model go on:
-higher `priority` first (the `x-fleetserve-priority` header, a trace request's `priority` field), and
-within one priority the one that came first, which is also the one whose deadline is nearest, as every
-request may wait `max_wait_s`. A request below `shed_below` is refused at once when it would wait.
+While the fleet has room a request goes straight through; once it is full for the model
+(`pipeline/saturation.py`), a request waits here, and each finish lets the most important waiting
+request of that model go on: higher `priority` first (the `x-fleetserve-priority` header, a trace
+request's `priority` field), and within one priority the one that came first, which is also the one
+whose deadline is nearest, as every request may wait `max_wait_s`. A request below `shed_below` is
+refused at once when it would wait.
 
 Strict priority can starve the low priorities under sustained overload; that is what the bounded wait
-is for (they are refused rather than queued for ever). Fair shares between tenants are issue #14's VTC.
+is for (they are refused rather than queued for ever). Fair shares between tenants are the `vtc`
+stage's (`fleetserve.tenants.vtc`).
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-import math
 from dataclasses import dataclass, field
 
 from fleetserve.errors import InputError
+from fleetserve.pipeline.saturation import fleet_slots
 from fleetserve.pipeline.stage import PROCEED, Hold, Outcome, Refuse, Stage, Verdict
 from fleetserve.routing.base import FleetView, RequestInfo
 
@@ -53,13 +52,7 @@ class PriorityQueueStage(Stage):
         return len(self._entries)
 
     def slots(self, model: str, view: FleetView) -> int:
-        """How many requests of `model` the fleet takes before requests wait."""
-        capacity = sum(
-            engine.capacity
-            for engine in view.engines.values()
-            if engine.model == model and engine.healthy and engine.ready
-        )
-        return math.floor(self.slots_per_engine * capacity)
+        return fleet_slots(model, view, self.slots_per_engine)
 
     def admit(self, request: RequestInfo, view: FleetView, now: float) -> Verdict:
         model = request.model

@@ -229,6 +229,7 @@ class RequestSession:
                 None if engine is None else engine.engine_id,
                 None if engine is None else engine.gpu,
                 latency_s,
+                1 if engine is None else engine.tp,
             )
             for stage in self._path.stages[: self._stage]:
                 stage.on_finish(self.info, outcome, now)

@@ -27,12 +27,17 @@ PROCEED = Proceed()
 @dataclass(frozen=True, slots=True)
 class Refuse:
     """Answer the request with an OpenAI-shaped error. `reason` is a short label for metrics and the
-    simulator's failure counts; `retry_after_s` becomes a Retry-After header."""
+    simulator's failure counts; `retry_after_s` becomes a Retry-After header, `headers` more headers
+    (the x-ratelimit-* of a quota); `error_type` and `code` fill the error's fields when the status's
+    defaults do not say enough."""
 
     status: int
     message: str
     reason: str
     retry_after_s: float | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    error_type: str | None = None
+    code: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +65,7 @@ Verdict = Proceed | Refuse | Hold | Answer
 class Outcome:
     """How a request ended, as the stages it passed see it. `status` is 200 for a served request, the
     error's status otherwise (499 when the client went away); `engine_id` and `gpu` are those of the
-    engine that served it last, None when it never reached one."""
+    engine that served it last (`tp` its tensor-parallel degree), None when it never reached one."""
 
     status: int
     prompt_tokens: int
@@ -68,6 +73,7 @@ class Outcome:
     engine_id: str | None = None
     gpu: str | None = None
     latency_s: float = math.nan
+    tp: int = 1
 
     @property
     def served(self) -> bool:

@@ -33,6 +33,7 @@ class APIError(FleetserveError):
         param: str | None = None,
         error_type: str | None = None,
         headers: dict[str, str] | None = None,
+        code: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -40,22 +41,32 @@ class APIError(FleetserveError):
         self.param = param
         self.error_type = error_type or _TYPE_BY_STATUS.get(status, "APIError")
         self.headers = headers or {}
+        self.code = code
 
     def body(self) -> dict[str, object]:
-        return error_body(self.status, self.message, param=self.param, error_type=self.error_type)
+        return error_body(
+            self.status, self.message, param=self.param, error_type=self.error_type, code=self.code
+        )
 
     def json_bytes(self) -> bytes:
         return orjson.dumps(self.body())
 
 
 def error_body(
-    status: int, message: str, *, param: str | None = None, error_type: str | None = None
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,
+    error_type: str | None = None,
+    code: str | None = None,
 ) -> dict[str, object]:
+    """`code` is OpenAI's machine-readable code (`invalid_api_key`, `rate_limit_exceeded`); the status
+    when there is none."""
     return {
         "error": {
             "message": message,
             "type": error_type or _TYPE_BY_STATUS.get(status, "APIError"),
             "param": param,
-            "code": status,
+            "code": status if code is None else code,
         }
     }

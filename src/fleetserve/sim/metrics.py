@@ -78,8 +78,12 @@ FAILURE_REASONS = {
     "model_not_served": "no engine of the fleet serves the model it names",
     "no_engine": "no engine serves its model and adapter",
     "rejected": "the routing policy shed it",
-    "shed": "the priority stage refused it at once: the fleet was full and its priority sheddable",
-    "queue_timeout": "it waited in the priority stage's queue longer than max_wait_s",
+    "shed": "a queueing stage refused it at once: the fleet was full and its priority sheddable",
+    "queue_timeout": "it waited in a queueing stage longer than its limit (max_wait_s, or its tenant's"
+    " max_queue_s)",
+    "quota": "its tenant was over a quota (rpm, tpm or max_in_flight): 429",
+    "quota_too_large": "its prompt alone is more than its tenant's tokens-per-minute limit: 429",
+    "forbidden_model": "its tenant may not use the model or adapter it names: 403",
     "engine_stopped": "its engine was stopped (a fleet script's stop, or a drain that timed out)",
     "engine_abort": "the engine aborted it",
     "engine_error": "the engine failed it",
@@ -103,10 +107,12 @@ class RequestMetrics:
         self.cached_tokens = [0] * num_requests
         self.engine = [-1] * num_requests
         self.failures: Counter[str] = Counter()
+        self.failure_reason: dict[int, str] = {}  # trace index -> why it failed
         self.itl = ITLHistogram()
 
     def fail(self, index: int, reason: str) -> None:
         self.failures[reason] += 1
+        self.failure_reason[index] = reason
         self.finish[index] = math.nan
 
     def arrays(self) -> RequestArrays:

@@ -11,7 +11,8 @@ load_over_time.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ from fleetserve.config import FleetConfig
 from fleetserve.control import EngineEvent
 from fleetserve.sim.fleet import SimEngine, SimFleet
 from fleetserve.sim.metrics import SLO, RequestArrays, RequestMetrics, latency_stats_ms
+from fleetserve.tenants import ANONYMOUS, jain_index
 
 QUANTILE_POINTS = 101  # 0%, 1%, ..., 100%: enough to draw a CDF in the report
 
@@ -111,8 +113,11 @@ def build_result(
     load: LoadSeries,
     wall_s: float,
     offered_rps: float,
+    tenants: Sequence[str | None] = (),
+    weights: Mapping[str, float] | None = None,
 ) -> SimResult:
-    """`offered_rps` is the trace's arrival rate (requests over the first-to-last-arrival span)."""
+    """`offered_rps` is the trace's arrival rate (requests over the first-to-last-arrival span);
+    `tenants` names each trace request's tenant (None: anonymous), `weights` their VTC weights."""
     arrays = metrics.arrays()
     total = int(arrays.arrival.size)
     done = arrays.completed
@@ -162,7 +167,49 @@ def build_result(
         },
         "load_over_time": load.to_json(start),
     }
+    if any(tenant is not None for tenant in tenants):
+        summary["per_tenant"], summary["jain_fairness"] = _tenant_summary(
+            tenants, arrays, metrics.failure_reason, duration, weights or {}
+        )
     return SimResult(summary, arrays)
+
+
+# the failure reasons the gateway answers with 429: quotas and a fair-queue wait that ran out
+TOO_MANY_REQUESTS = frozenset({"quota", "quota_too_large", "queue_timeout"})
+
+
+def _tenant_summary(
+    tenants: Sequence[str | None],
+    arrays: RequestArrays,
+    failure_reason: Mapping[int, str],
+    duration: float,
+    weights: Mapping[str, float],
+) -> tuple[dict[str, Any], float]:
+    """Per tenant: requests, what it got served, TTFT, its 429s and other failures; and Jain's index
+    over the tenants' service (prompt tokens + 2 x output tokens, VTC's measure) divided by weight."""
+    names = np.asarray([ANONYMOUS if tenant is None else tenant for tenant in tenants], dtype=object)
+    done = arrays.completed
+    ttft = arrays.first_token - arrays.arrival
+    out: dict[str, Any] = {}
+    service: list[float] = []
+    for name in sorted(set(names.tolist())):
+        mine = names == name
+        served = mine & done
+        prompt = int(arrays.prompt_tokens[served].sum())
+        output = int(arrays.output_tokens[served].sum())
+        reasons = Counter(failure_reason[i] for i in np.flatnonzero(mine).tolist() if i in failure_reason)
+        tenant_service = prompt + 2 * output
+        service.append(tenant_service / weights.get(name, 1.0))
+        out[name] = {
+            "requests": int(mine.sum()),
+            "completed": int(served.sum()),
+            "throughput_tok_s": output / duration if duration > 0 else 0.0,
+            "service_tokens": tenant_service,
+            "ttft_ms": latency_stats_ms(ttft[served]),
+            "rejected_429": sum(count for reason, count in reasons.items() if reason in TOO_MANY_REQUESTS),
+            "failures": dict(sorted(reasons.items())),
+        }
+    return out, jain_index(service)
 
 
 def _alive_s(engine: SimEngine, start: float, end: float) -> float:

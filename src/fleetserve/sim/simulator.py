@@ -40,6 +40,7 @@ from fleetserve.sim.fleet import SimEngine, SimFleet, build_fleet
 from fleetserve.sim.metrics import SLO, RequestMetrics
 from fleetserve.sim.prompts import LazyPromptTokens
 from fleetserve.sim.result import LoadSeries, SimResult, build_result
+from fleetserve.tenants import TenantStage
 from fleetserve.workload import TraceRequest
 
 ProgressCallback = Callable[[int, int], None]  # (requests arrived so far, total)
@@ -96,8 +97,11 @@ class Simulator:
                     f" not define; groups: {', '.join(sorted(groups))}"
                 )
         self.slo = SLO(config.slo.ttft_ms / 1000.0, config.slo.tpot_ms / 1000.0)
+        stages = config.stages(self.fleet.catalog)
+        if config.tenants:  # the gateway checks these before its pipeline, against its shared ledger
+            stages.insert(0, TenantStage(tenants=config.tenant_directory()))
         self.path = RequestPath(
-            policy, config.stages(), ttft_slo_ms=config.slo.ttft_ms, tpot_slo_ms=config.slo.tpot_ms
+            policy, stages, ttft_slo_ms=config.slo.ttft_ms, tpot_slo_ms=config.slo.tpot_ms
         )
         self.actuator = SimActuator(self, config.gateway.drain_timeout_s)
         self.clock = VirtualClock()
@@ -233,6 +237,8 @@ class Simulator:
             load=self.load,
             wall_s=time.perf_counter() - started,
             offered_rps=rate_of(self.trace),
+            tenants=[request.tenant for request in self.trace],
+            weights=self.config.tenant_directory().weights(),
         )
         if self.stopped_early:
             result.summary["stopped_early"] = True

@@ -155,6 +155,8 @@ class WorkloadSpec:
     think_time_s: float = 30.0
     tenants: int = 0
     tenant_zipf: float = 0.0
+    # relative request rates of tenant-0, tenant-1, ... (one tenant flooding: 10, 1, 1); replaces Zipf
+    tenant_shares: Sequence[float] = ()
     system_prompt_tokens: int = 0
     adapters: int = 0
     adapter_zipf: float = 1.0
@@ -181,6 +183,10 @@ class WorkloadSpec:
             raise InputError("turns must be >= 1 and think_time_s >= 0")
         if self.tenants < 0 or self.adapters < 0 or self.system_prompt_tokens < 0:
             raise InputError("tenants, adapters and system_prompt_tokens must be >= 0")
+        if self.tenant_shares and len(self.tenant_shares) != self.tenants:
+            raise InputError(f"{len(self.tenant_shares)} tenant shares for {self.tenants} tenants")
+        if any(not share > 0 for share in self.tenant_shares):
+            raise InputError("tenant shares must be > 0")
         if self.system_prompt_tokens and not self.tenants:
             raise InputError("a system prompt is shared per tenant: set tenants >= 1")
         if not 0 <= self.adapter_fraction <= 1:
@@ -328,7 +334,11 @@ def _session_labels(
     spec: WorkloadSpec, streams: _Streams, sessions: int
 ) -> tuple[list[str | None], list[str | None], list[str | None]]:
     """Each session's tenant, adapter and model names (None where the spec asks for none)."""
-    tenant_index = _popularity_draws(streams.tenants, sessions, spec.tenants, spec.tenant_zipf)
+    if spec.tenant_shares:
+        shares = np.asarray(spec.tenant_shares, dtype=np.float64)
+        tenant_index = streams.tenants.choice(spec.tenants, size=sessions, p=shares / shares.sum())
+    else:
+        tenant_index = _popularity_draws(streams.tenants, sessions, spec.tenants, spec.tenant_zipf)
     adapter_index = _popularity_draws(streams.adapters, sessions, spec.adapters, spec.adapter_zipf)
     if spec.adapters and spec.adapter_fraction < 1:
         adapter_index[streams.adapters.random(sessions) >= spec.adapter_fraction] = -1
