@@ -4,11 +4,13 @@ are, free ports, and starting, probing and stopping the servers they measure. Sc
 
 from __future__ import annotations
 
+import datetime
 import os
 import platform
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -115,3 +117,23 @@ def start_redis(port: int) -> tuple[subprocess.Popen, str]:
         if process.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"redis-server did not start on port {port}")
         time.sleep(0.05)
+
+
+def section_head(title: str, script: str) -> list[str]:
+    """A benchmark section's first lines: its title, the date, the machine and the command that ran."""
+    command = f"python benchmarks/{script} " + " ".join(sys.argv[1:])
+    return [
+        f"## {title}",
+        "",
+        f"- date: {datetime.datetime.now(datetime.UTC):%a %b %d %H:%M:%S UTC %Y}",
+        f"- machine: {os.cpu_count()} cores (nproc), {cpu_model()}, Python {platform.python_version()}, "
+        "shared with other jobs",
+        f"- command: `{command.strip()}`",
+    ]
+
+
+def publish(section: str, write: bool) -> None:
+    """Print a benchmark's section and, when `write`, append it to docs/benchmarks.md."""
+    print(section)
+    if write:
+        record(section)

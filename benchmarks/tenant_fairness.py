@@ -21,11 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import math
-import os
-import platform
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -34,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from common import cpu_model, free_port_block, record
+from common import free_port_block, publish, section_head
 from fleetserve.config import FleetConfig, parse_fleet
 from fleetserve.model.catalog import default_catalog
 from fleetserve.sim import SimOptions, simulate
@@ -202,15 +198,12 @@ def report(
                 f"figure under VTC, {_light(live) / alone:.2f}x under FIFO."
             )
     fleet = " + ".join(f"{n} x {gpu}" for _, gpu, n in settings.fleet)
-    command = "python benchmarks/tenant_fairness.py " + " ".join(sys.argv[1:])
     return "\n".join(
         [
-            "## Tenant fairness: one tenant floods, VTC against FIFO, live and in the twin",
-            "",
-            f"- date: {datetime.datetime.now(datetime.UTC):%a %b %d %H:%M:%S UTC %Y}",
-            f"- machine: {os.cpu_count()} cores (nproc), {cpu_model()}, "
-            f"Python {platform.python_version()}, shared with other jobs",
-            f"- command: `{command.strip()}`",
+            *section_head(
+                "Tenant fairness: one tenant floods, VTC against FIFO, live and in the twin",
+                "tenant_fairness.py",
+            ),
             f"- fleet: {fleet} emulated engines ({MODEL}, time_scale {settings.time_scale:g}) via "
             "`fleetserve serve -c`, least_request routing; stage `vtc` or `priority` (FIFO at one "
             f"priority) with slots_per_engine {SLOTS_PER_ENGINE}, max wait {MAX_QUEUE_S:g} s (model "
@@ -252,9 +245,7 @@ def main() -> None:
         fractions = [float(value) for value in args.loads.split(",")]
         share, out = run(settings, args.duration, fractions, Path(work))
     section = report(share, out, settings, args.duration)
-    print(section)
-    if not args.no_write:
-        record(section)
+    publish(section, not args.no_write)
 
 
 if __name__ == "__main__":

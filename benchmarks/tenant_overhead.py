@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import hashlib
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,7 +25,7 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from common import cpu_model, free_port, record, start_redis
+from common import free_port, publish, section_head, start_redis
 from gateway_overhead import REQUEST, percentile, start, start_upstream, stop, wait_ready
 
 FLEETSERVE = Path(sys.executable).with_name("fleetserve")
@@ -140,15 +137,12 @@ def main() -> None:
     }
     added_seq = (seq["tenants"][0] - seq["plain"][0], seq["tenants"][1] - seq["plain"][1])
     added_load = (med["tenants"][0] - med["plain"][0], med["tenants"][1] - med["plain"][1])
-    command = "python benchmarks/tenant_overhead.py " + " ".join(sys.argv[1:])
     section = "\n".join(
         [
-            "## Tenant stages on the request path: auth + quotas (Redis) + VTC, side by side",
-            "",
-            f"- date: {datetime.datetime.now(datetime.UTC):%a %b %d %H:%M:%S UTC %Y}",
-            f"- machine: {os.cpu_count()} cores (nproc), {cpu_model()}, "
-            f"Python {platform.python_version()}, shared with other jobs",
-            f"- command: `{command.strip()}`",
+            *section_head(
+                "Tenant stages on the request path: auth + quotas (Redis) + VTC, side by side",
+                "tenant_overhead.py",
+            ),
             "- setup: two gateways over one instant upstream, `plain` and `tenants` (key check, "
             "rpm/tpm/in-flight limits counted in a loopback redis-server by Lua scripts, the `vtc` "
             "stage), non-streaming chat",
@@ -163,9 +157,7 @@ def main() -> None:
             "",
         ]
     )
-    print(section)
-    if not args.no_write:
-        record(section)
+    publish(section, not args.no_write)
 
 
 if __name__ == "__main__":

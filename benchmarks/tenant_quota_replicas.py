@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import hashlib
 import math
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -28,7 +25,7 @@ import aiohttp
 import orjson
 import yaml
 
-from common import cpu_model, free_port, record, start_redis
+from common import free_port, publish, section_head, start_redis
 from gateway_overhead import start, start_upstream, stop, wait_ready
 
 FLEETSERVE = Path(sys.executable).with_name("fleetserve")
@@ -126,7 +123,6 @@ def main() -> None:
     finally:
         stop(upstream)
         stop(redis)
-    command = "python benchmarks/tenant_quota_replicas.py " + " ".join(sys.argv[1:])
 
     def describe(counts: list[int]) -> str:
         if not counts:
@@ -136,12 +132,7 @@ def main() -> None:
 
     section = "\n".join(
         [
-            "## Tenant quotas: one limit across two gateway replicas",
-            "",
-            f"- date: {datetime.datetime.now(datetime.UTC):%a %b %d %H:%M:%S UTC %Y}",
-            f"- machine: {os.cpu_count()} cores (nproc), {cpu_model()}, "
-            f"Python {platform.python_version()}, shared with other jobs",
-            f"- command: `{command.strip()}`",
+            *section_head("Tenant quotas: one limit across two gateway replicas", "tenant_quota_replicas.py"),
             "- setup: two `fleetserve serve --no-launch` replicas over one instant upstream, one tenant "
             f"limited to {args.rpm} requests per minute, {CLIENTS_PER_REPLICA} closed-loop clients per "
             f"replica for {args.duration:g} s; admitted requests counted per calendar minute wholly "
@@ -151,9 +142,7 @@ def main() -> None:
             "",
         ]
     )
-    print(section)
-    if not args.no_write:
-        record(section)
+    publish(section, not args.no_write)
 
 
 if __name__ == "__main__":
