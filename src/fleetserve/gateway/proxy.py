@@ -229,9 +229,8 @@ class Proxy:
         finally:
             watcher.cancel()
             now = self._clock()
-            output_tokens = exchange.output_tokens
             self._dispatcher.finished(
-                exchange.session, now, exchange.status, now - exchange.arrival, output_tokens
+                exchange.session, now, exchange.status, now - exchange.arrival, exchange.output_tokens
             )
             await self._settle(exchange)
 

@@ -102,6 +102,7 @@ class SharedLedger:
 
     def __init__(self, config: RedisConfig | None, metrics: GatewayMetrics, in_flight_ttl_s: float) -> None:
         self._config = config
+        self._prefix = config.key_prefix if config is not None else "fleetserve"
         self._metrics = metrics
         self.local = MemoryLedger()
         self._ttl = int(3 * WINDOW_S)
@@ -155,8 +156,7 @@ class SharedLedger:
             await self._client.aclose()
 
     def _key(self, tenant: str, kind: str) -> str:
-        prefix = self._config.key_prefix if self._config else "fleetserve"
-        return f"{prefix}:{{{tenant}}}:{kind}"
+        return f"{self._prefix}:{{{tenant}}}:{kind}"
 
     def _went_down(self, exc: BaseException) -> None:
         if self._config is None:
@@ -253,7 +253,7 @@ class SharedLedger:
         if client is None:
             return None
         try:
-            raw = await client.hgetall(keys_hash(self._config.key_prefix if self._config else "fleetserve"))
+            raw = await client.hgetall(keys_hash(self._prefix))
         except REDIS_DOWN as exc:
             self._went_down(exc)
             return None
@@ -267,9 +267,8 @@ class SharedLedger:
         args: list[Any] = []
         for tenant, amount in taken.items():
             args += [tenant, repr(amount)]
-        prefix = self._config.key_prefix if self._config else "fleetserve"
         try:
-            flat = await self._scripts["share"](keys=[f"{prefix}:vtc-service"], args=args)
+            flat = await self._scripts["share"](keys=[f"{self._prefix}:vtc-service"], args=args)
         except REDIS_DOWN as exc:
             self._went_down(exc)
             return None

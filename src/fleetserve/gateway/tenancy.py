@@ -22,6 +22,9 @@ from fleetserve.tenants.vtc import FairQueueStage
 
 log = logging.getLogger(__name__)
 
+# an in-flight count outlives the longest request by this much before Redis forgets it
+WINDOW_MARGIN_S = 60.0
+
 
 @dataclass(slots=True)
 class Admitted:
@@ -140,10 +143,6 @@ class Tenancy:
     async def finished(self, admitted: Admitted, output_tokens: int) -> None:
         if admitted.reservation is not None:
             await self.ledger.finish(admitted.tenant.name, admitted.reservation, output_tokens, self._clock())
-
-
-# an in-flight count outlives the longest request by this much before Redis forgets it
-WINDOW_MARGIN_S = 60.0
 
 
 def _bearer(value: bytes | None) -> str | None:
