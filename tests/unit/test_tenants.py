@@ -148,3 +148,9 @@ def test_no_calendar_minute_admits_more_than_the_limit(rpm: int, gaps: list[floa
 def test_jain_index() -> None:
     assert jain_index([5, 5, 5]) == 1.0
     assert math.isclose(jain_index([9, 0, 0]), 1 / 3)
+
+
+def test_counts_made_during_an_outage_survive_a_minute_boundary_for_the_resync() -> None:
+    ledger = MemoryLedger()
+    ledger.reserve("t", 10, 59.0)  # counted locally in minute 0 while Redis is away
+    assert ledger.rate_counts(61.0) == [("t", 0, 1, 10)]  # Redis is back in minute 1

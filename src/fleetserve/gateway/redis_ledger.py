@@ -190,7 +190,7 @@ class SharedLedger:
 
     async def _resynchronise(self) -> None:
         """Add what this replica counted while Redis was away to the shared counts."""
-        for tenant, (window, requests, tokens) in self.local.rate_counts(time.time()).items():
+        for tenant, window, requests, tokens in self.local.rate_counts(time.time()):
             keys = [self._key(tenant, f"r:{window}"), self._key(tenant, f"t:{window}")]
             await self._scripts["add"](keys=keys, args=[requests, tokens, self._ttl])
         self.local.forget_rates()

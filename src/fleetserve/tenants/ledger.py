@@ -78,15 +78,19 @@ class MemoryLedger:
         if counts is not None and counts.in_flight > 0:
             counts.in_flight -= 1
 
-    def rate_counts(self, now: float) -> dict[str, tuple[int, int, int]]:
-        """tenant -> (window, requests, tokens) counted this minute: what a shared ledger adds to its own
-        counts when it comes back after an outage."""
+    def rate_counts(self, now: float) -> list[tuple[str, int, int, int]]:
+        """(tenant, minute, requests, tokens) counted in this minute and the last one: what a shared
+        ledger adds to its own counts when it comes back after an outage."""
         window = window_of(now)
-        out: dict[str, tuple[int, int, int]] = {}
+        out: list[tuple[str, int, int, int]] = []
         for tenant, counts in self._counts.items():
             counts.roll(window)
-            if counts.requests_cur or counts.tokens_cur:
-                out[tenant] = (window, counts.requests_cur, counts.tokens_cur)
+            for minute, requests, tokens in (
+                (window - 1, counts.requests_prev, counts.tokens_prev),
+                (window, counts.requests_cur, counts.tokens_cur),
+            ):
+                if requests or tokens:
+                    out.append((tenant, minute, requests, tokens))
         return out
 
     def forget_rates(self) -> None:
