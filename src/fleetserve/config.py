@@ -283,6 +283,18 @@ class GatewayConfig(_Strict):
     connect_timeout_s: float = Field(2.0, gt=0, description="Upstream connect timeout.")
     first_token_timeout_s: float = Field(60.0, gt=0, description="Upstream time to first byte.")
     total_timeout_s: float = Field(600.0, gt=0, description="Upstream total time per request.")
+    stream_stall_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="A stream that sends nothing for this long after its first chunk counts as a failed"
+        " engine: it is resumed on another engine (or ends with an error event).",
+    )
+    max_resumes: int = Field(
+        2,
+        ge=0,
+        description="Times one stream is resumed on another engine after its engine failed mid-stream;"
+        " 0 ends such a stream with an error event, as before.",
+    )
     scrape_interval_s: float = Field(0.2, gt=0, description="Engine /metrics scrape period.")
     health_interval_s: float = Field(1.0, gt=0, description="Active health-check period.")
     drain_timeout_s: float = Field(

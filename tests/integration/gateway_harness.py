@@ -53,6 +53,17 @@ class Processes:
         wait_until(lambda: answers(process.url + "/v1/models"), timeout=20, message=f"{name} up")
         return process
 
+    def emulated(
+        self, name: str, gpu: str = "l4", model: str = "llama-3-8b", time_scale: float = 1.0
+    ) -> Process:
+        """One `fleetserve engine emulate` process (one engine): a real engine to kill with SIGKILL."""
+        port = free_port()
+        argv = [str(FLEETSERVE), "engine", "emulate", "--gpu", gpu, "--model", model, "--port", str(port)]
+        argv += ["--time-scale", str(time_scale)]
+        process = self._spawn(argv, f"http://127.0.0.1:{port}", name)
+        wait_until(lambda: answers(process.url + "/v1/models"), timeout=30, message=f"{name} up")
+        return process
+
     def gateway(
         self,
         engines: list[Process | dict[str, Any]],

@@ -11,7 +11,14 @@ import httpx
 import openai
 import pytest
 from tests.helpers import wait_until
-from tests.integration.gateway_harness import Process, Processes, control, metric_value, running_processes
+from tests.integration.gateway_harness import (
+    Process,
+    Processes,
+    control,
+    get_json,
+    metric_value,
+    running_processes,
+)
 
 MESSAGES = [{"role": "user", "content": "hello"}]
 
@@ -42,7 +49,7 @@ def test_engine_killed_before_first_byte_is_retried_elsewhere(procs: Processes) 
         assert api.completions.create(model="test-model", prompt="x", max_tokens=2).choices[0].text == "t0 t1"
 
 
-def test_engine_killed_mid_stream_ends_that_stream_with_an_error_event(procs: Processes) -> None:
+def test_engine_killed_mid_stream_is_resumed_on_another_engine(procs: Processes) -> None:
     dying = procs.upstream("dying", chunk_delay_ms=60)
     steady = procs.upstream("steady", chunk_delay_ms=60)
     gateway = procs.gateway([dying, steady], router={"policy": "round_robin"})
@@ -59,24 +66,83 @@ def test_engine_killed_mid_stream_ends_that_stream_with_an_error_event(procs: Pr
 
     other = threading.Thread(target=read_steady)
     other.start()
-    received = []
-    with pytest.raises(openai.APIError, match="failed mid-stream"):
-        for chunk in doomed_stream:
-            received.append(chunk.choices[0].delta.content)
+    chunks = list(doomed_stream)
     other.join(timeout=30)
-    assert received == ["t0 ", "t1 "]  # whole events only: the half-written third never reaches the client
+    # whole events only: the half-written third never reaches the client; the steady engine goes on
+    # for the 6 tokens left, and its chunks carry the first stream's id
+    texts = [c.choices[0].delta.content for c in chunks]
+    assert texts == ["t0 ", "t1 ", "t0 ", "t1 ", "t2 ", "t3 ", "t4 ", "t5 "]
+    assert {c.id for c in chunks} == {"dying-stream"}
     assert steady_text == ["t0 t1 t2 t3 t4 t5 t6 t7 "]
+    continued = get_json(steady.url + "/control")["last_body"]  # it came after the steady stream's
+    assert continued["messages"][-1] == {"role": "assistant", "content": "t0 t1 "}
+    assert continued["continue_final_message"] is True and continued["add_generation_prompt"] is False
+    assert continued["max_tokens"] == 6
+    resumes = metric_value(gateway, "fleetserve_stream_resumes_total", reason="stream")
+    assert resumes == 1
+    assert metric_value(gateway, "fleetserve_gateway_requests_total", status="502") is None
 
-    # the raw stream ends with one error event and then a clean [DONE]
+
+def test_a_stream_that_cannot_be_resumed_ends_with_one_error_event(procs: Processes) -> None:
     raw_engine = procs.upstream("raw", chunk_delay_ms=1)
-    raw_gateway = procs.gateway([raw_engine])
-    control(raw_engine, mode="die_mid_stream", die_after=1)
+    spare = procs.upstream("spare", chunk_delay_ms=1)
     body = {"model": "test-model", "messages": MESSAGES, "stream": True, "max_tokens": 5}
-    text = httpx.post(raw_gateway.url + "/v1/chat/completions", json=body, timeout=10).text
-    events = [event for event in text.split("\n\n") if event]
-    assert events[-1] == "data: [DONE]"
-    assert events[-2].startswith('data: {"error":') and '"code":502' in events[-2]
-    assert len(events) == 3
+
+    def events(gateway: Process, payload: dict) -> list[str]:
+        control(raw_engine, mode="die_mid_stream", die_after=1)
+        text = httpx.post(gateway.url + "/v1/chat/completions", json=payload, timeout=10).text
+        return [event for event in text.split("\n\n") if event]
+
+    # the raw stream ends with one error event and then a clean [DONE]: resuming switched off ...
+    no_resumes = procs.gateway([raw_engine], max_resumes=0)
+    found = events(no_resumes, body)
+    assert found[-1] == "data: [DONE]"
+    assert found[-2].startswith('data: {"error":') and '"code":502' in found[-2]
+    assert len(found) == 3
+    # ... or a request whose continuation would not be faithful: a seed the client set
+    raw_engine = procs.upstream("raw", chunk_delay_ms=1)
+    seeded = procs.gateway([{"name": "raw", "model": "test-model", "url": raw_engine.url}], max_resumes=2)
+    found = events(seeded, {**body, "seed": 7})
+    assert found[-2].startswith('data: {"error":') and len(found) == 3
+    del spare
+
+
+def test_resumes_are_bounded_by_max_resumes(procs: Processes) -> None:
+    engines = [procs.upstream(f"dying{index}", chunk_delay_ms=1) for index in range(3)]
+    for engine in engines:
+        control(engine, mode="die_mid_stream", die_after=1)
+    gateway = procs.gateway(engines, router={"policy": "round_robin"}, max_resumes=1)
+    body = {"model": "test-model", "prompt": "hello", "stream": True, "max_tokens": 6}
+    text = httpx.post(gateway.url + "/v1/completions", json=body, timeout=10).text
+    found = [event for event in text.split("\n\n") if event]
+    # one chunk from the first engine, one from the engine it resumed on, then the error: no third
+    assert [event for event in found if '"text"' in event] and len(found) == 4
+    assert found[-2].startswith('data: {"error":') and found[-1] == "data: [DONE]"
+    assert metric_value(gateway, "fleetserve_stream_resumes_total") == 1
+    survivors = [engine for engine in engines if engine.popen.poll() is None]
+    assert len(survivors) == 1  # the third engine was never asked
+
+
+def test_a_stalled_stream_is_resumed_after_the_stall_timeout(procs: Processes) -> None:
+    stalling = procs.upstream("stalling", chunk_delay_ms=1)
+    steady = procs.upstream("steady", chunk_delay_ms=1)
+    gateway = procs.gateway([stalling, steady], router={"policy": "round_robin"}, stream_stall_timeout_s=0.5)
+    control(stalling, mode="stall_mid_stream", die_after=2)
+    body = {"model": "test-model", "prompt": "hello", "stream": True, "max_tokens": 5}
+    request = {"headers": {"x-fleetserve-report-resumes": "1"}, "timeout": 10}
+    texts = []
+    for _ in range(2):  # round robin: one of the two lands on the stalling engine
+        found = httpx.post(gateway.url + "/v1/completions", json=body, **request).text
+        texts.append(found)
+    stalled = [text for text in texts if "stalling-stream" in text]
+    assert stalled
+    for text in stalled:
+        assert text.count('"x_fleetserve":{"resumed":1}') == 1 and text.endswith("data: [DONE]\n\n")
+        assert "steady-stream" not in text  # the continuation speaks under the first stream's id
+    for text in texts:
+        if text not in stalled:
+            assert '"x_fleetserve":{"resumed":0}' in text  # asked for, so reported even when nothing moved
+    assert metric_value(gateway, "fleetserve_stream_resumes_total", reason="stall") == len(stalled)
 
 
 def test_hanging_engine_times_out_is_ejected_and_recovers(procs: Processes) -> None:

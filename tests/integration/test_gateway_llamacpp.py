@@ -5,6 +5,8 @@ and not, lists the model, and answers bad requests with OpenAI-shaped errors."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -71,3 +73,71 @@ def test_bad_requests_get_openai_errors(client: openai.OpenAI) -> None:
         client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=-1
         )
+
+
+def _engine_pid(serve: Serve, port: int) -> int:
+    for pid in serve.descendants():
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(port).encode() in argv and any(b"llama_cpp" in arg for arg in argv):
+            return pid
+    raise AssertionError(f"no llama.cpp process on port {port}")
+
+
+@pytest.mark.parametrize("kind", ["chat", "completions"])
+def test_a_greedy_stream_resumed_on_another_llamacpp_engine_is_the_answer_it_would_have_been(
+    tmp_path: Path, kind: str
+) -> None:
+    """Two llama.cpp engines, one killed with SIGKILL after 8 tokens: the second continues from the
+    text so far (a chat through the model's own template). At temperature 0 the continuation picks up
+    where the first engine stopped: its first word is the unbroken answer's next word. (It may drift
+    later: the text so far is a batched prefill on the second engine, token-by-token decode on the
+    first, and their float sums differ enough to flip a near-tie.)"""
+    gateway_port = free_port()
+    base_port = free_ports(2)  # the first of two free consecutive ports
+    fleet = {
+        "engines": [{"name": "smol", "kind": "llamacpp", "model": MODEL, "replicas": 2, "port": base_port}],
+        "gateway": {"port": gateway_port, "health_interval_s": 0.5, "scrape_interval_s": 0.5},
+        "router": {"policy": "round_robin", "debug_header": True},
+    }
+    serve = Serve(tmp_path, fleet)
+    try:
+        url = f"http://127.0.0.1:{gateway_port}"
+        wait_until(lambda: answers(url + "/ready"), timeout=120, message="gateway ready:\n" + serve.output())
+        api = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        request = {"model": MODEL, "max_tokens": 32, "temperature": 0.0, "stream": True}
+        messages = [{"role": "user", "content": "Write two sentences about the sea."}]
+
+        def stream() -> openai.Stream:
+            if kind == "chat":
+                return api.chat.completions.with_raw_response.create(messages=messages, **request)
+            return api.completions.with_raw_response.create(prompt="The sea is", **request)
+
+        def text_of(chunk: object) -> str:
+            choice = chunk.choices[0]  # type: ignore[attr-defined]
+            return (choice.delta.content if kind == "chat" else choice.text) or ""
+
+        unbroken = "".join(text_of(chunk) for chunk in stream().parse() if chunk.choices)
+        raw = stream()
+        engine_id = raw.headers["x-fleetserve-route"].split(";")[0]
+        doomed = _engine_pid(serve, base_port + int(engine_id.rsplit("-", 1)[1]))
+        pieces: list[str] = []
+        for chunk in raw.parse():
+            if chunk.choices and text_of(chunk):
+                pieces.append(text_of(chunk))
+            if len(pieces) == 8 and Path(f"/proc/{doomed}").exists():
+                os.kill(doomed, signal.SIGKILL)
+        resumed = "".join(pieces)
+        before = "".join(pieces[:8])
+        assert len(pieces) > 8, resumed  # it went on after the kill
+        assert unbroken.startswith(before)
+        after = resumed[len(before) :]
+        # not a fresh start of the answer (which a continuation without the text so far would be) ...
+        assert not after.lstrip().startswith(unbroken.lstrip()[:12]), (unbroken, resumed)
+        # ... but its next word
+        assert after.split()[:1] == unbroken[len(before) :].split()[:1], (unbroken, resumed)
+        assert "resumed on smol-" in serve.output()
+    finally:
+        serve.kill()

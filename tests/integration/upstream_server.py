@@ -7,10 +7,12 @@ Its behaviour can be changed at run time with `POST /control {"mode": ...}`:
     hang                    never answer completions or /health (as a wedged process would)
     die_on_request          exit the process as soon as a completion request arrives
     die_mid_stream          stream `die_after` chunks plus half of the next event, then exit
+    stall_mid_stream        stream `die_after` chunks, then send nothing more (the process lives)
     error                   answer completions with HTTP 500
 and `{"linger_after_done_s": S}` holds a stream open S seconds after its `data: [DONE]`.
 `GET /control` returns the state, with the Authorization header of the last completion request and the
-`user` field of every completion request in the order they arrived (`seen`).
+`user` field of every completion request in the order they arrived (`seen`), and the last completion
+request's body (`last_body`).
 Every completion answer carries the server's name, so a test can tell which engine served it.
 """
 
@@ -32,6 +34,7 @@ def build_app(args: argparse.Namespace) -> web.Application:
         "die_after": 2,
         "linger_after_done_s": 0,
         "authorization": None,
+        "last_body": None,
         "seen": seen,
     }
     counters = {"running": 0, "served": 0}
@@ -68,6 +71,7 @@ def build_app(args: argparse.Namespace) -> web.Application:
     async def completion(request: web.Request) -> web.StreamResponse:
         body = orjson.loads(await request.read())
         state["authorization"] = request.headers.get("Authorization")
+        state["last_body"] = body
         seen.append(body.get("user"))
         mode = state["mode"]
         if mode == "hang":
@@ -118,7 +122,7 @@ def build_app(args: argparse.Namespace) -> web.Application:
                     "created": 0,
                     "model": body["model"],
                     "system_fingerprint": args.name,
-                    "choices": [{**choice, "finish_reason": None}],
+                    "choices": [{**choice, "finish_reason": "length" if index == chunks - 1 else None}],
                 }
             )
             event += b"\n\n"
@@ -126,6 +130,8 @@ def build_app(args: argparse.Namespace) -> web.Application:
                 await response.write(event[: len(event) // 2])
                 await asyncio.sleep(0.05)  # let the half event leave the socket
                 os._exit(4)
+            if state["mode"] == "stall_mid_stream" and index == state["die_after"]:
+                await forever.wait()
             await response.write(event)
         await response.write(b"data: [DONE]\n\n")
         await asyncio.sleep(float(state["linger_after_done_s"]))  # type: ignore[arg-type]

@@ -15,6 +15,7 @@ import uvloop
 
 from fleetserve.config import ConfigError, FleetConfig, load_fleet
 from fleetserve.engines.actuator import LocalActuator
+from fleetserve.engines.chat_templates import llamacpp_chat_renderers
 from fleetserve.engines.fleet import (
     DEFAULT_READY_TIMEOUT_S,
     LaunchError,
@@ -86,13 +87,15 @@ def serve(
 async def _serve(
     config: FleetConfig, *, launch: bool, port: int | None, policy: str | None, timeout: float
 ) -> None:
+    renderers = llamacpp_chat_renderers(config)
     if not launch:
-        await run_gateway(config, port=port, policy=policy, on_ready=_announce)
+        gateway = Gateway(config, policy=policy, chat_renderers=renderers)
+        await run_gateway(config, port=port, policy=policy, on_ready=_announce, gateway=gateway)
         return
     async with launch_engines(config, ready_timeout=timeout) as launched:
         for engine in launched.engines:
             click.echo(describe_launch(config, engine))
-        gateway = Gateway(config, policy=policy)
+        gateway = Gateway(config, policy=policy, chat_renderers=renderers)
         actuator = LocalActuator(config, launched.launcher, gateway, launched.work_dir)
         gateway.actuator = actuator
         try:

@@ -12,7 +12,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from typing import Any
 
 import aiohttp
@@ -33,6 +33,7 @@ from fleetserve.gateway.proxy import Proxy
 from fleetserve.gateway.tenancy import Tenancy
 from fleetserve.gateway.tokens import PromptTokenizer
 from fleetserve.model.catalog import Catalog, default_catalog
+from fleetserve.protocol.continuation import ChatRenderer
 from fleetserve.protocol.errors import APIError
 from fleetserve.protocol.sse import DONE, sse_error
 
@@ -52,7 +53,10 @@ class Gateway:
         policy: str | None = None,
         catalog: Catalog | None = None,
         seed: int | None = None,
+        chat_renderers: Mapping[str, ChatRenderer] | None = None,
     ) -> None:
+        """`chat_renderers`: model -> its chat template, for models served by llama.cpp engines (a chat
+        stream resumes on one of those through the completions API over the rendered conversation)."""
         self.config = config
         router = config.router
         if policy is not None and policy != router.policy:
@@ -81,6 +85,7 @@ class Gateway:
             router.debug_header,
             tenancy=self.tenancy,
             tokenizer=PromptTokenizer(catalog or default_catalog(), config.model_tokenizers()),
+            chat_renderers=chat_renderers,
         )
         # starts, drains and stops engines for the admin API; set by whoever can launch them (`serve`)
         self.actuator: FleetActuator | None = None

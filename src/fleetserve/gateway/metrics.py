@@ -70,6 +70,13 @@ class GatewayMetrics:
             ["model"],
             registry=self.registry,
         )
+        self.stream_resumes = Counter(
+            "fleetserve_stream_resumes",
+            "Streams continued on another engine after theirs failed mid-stream, by why it failed"
+            " (stream: the connection broke; stall: nothing for stream_stall_timeout_s; migration: moved).",
+            ["reason"],
+            registry=self.registry,
+        )
         self.in_flight = Gauge(
             "fleetserve_gateway_requests_in_flight",
             "Requests admitted by the gateway and not yet answered.",

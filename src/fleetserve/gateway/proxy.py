@@ -2,8 +2,11 @@
 
 The request body is parsed once (for routing) and forwarded as the client sent it. An answer is passed
 through chunk by chunk: the only look inside a stream is for event boundaries, so that a stream cut by a
-failing engine ends with a whole SSE error event instead of half an event. Until the client has received
-a byte, a failed attempt (refused connection, 5xx, timeout, engine gone) is retried on another engine.
+failing engine never leaves half an event. Until the client has received a byte, a failed attempt
+(refused connection, 5xx, timeout, engine gone) is retried on another engine. After that, a stream whose
+engine fails or stalls is resumed on another engine (`protocol/continuation.py`: the text so far goes
+into the continuation's prompt and its events are spliced into the client's stream), at most
+`gateway.max_resumes` times; a stream that cannot be resumed ends with a whole SSE error event.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import aiohttp
 import orjson
@@ -34,6 +38,15 @@ from fleetserve.gateway.metrics import GatewayMetrics
 from fleetserve.gateway.tenancy import Admitted, Tenancy
 from fleetserve.gateway.tokens import PromptTokenizer
 from fleetserve.pipeline import Answer, RequestSession
+from fleetserve.protocol.continuation import (
+    MAX_TRANSCRIPT_BYTES,
+    ChatRenderer,
+    Splice,
+    Transcript,
+    continuation,
+    read_transcript,
+    unresumable_reason,
+)
 from fleetserve.protocol.errors import APIError
 from fleetserve.protocol.sse import DONE, sse_error
 from fleetserve.routing import Decision
@@ -48,6 +61,8 @@ UPSTREAM_HEADERS = {"content-type": "application/json"}
 DONE_EVENTS = (b"data: [DONE]\n\n", b"data: [DONE]\r\n\r\n")
 JSON_EVENT = b"data: {"
 COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+REPORT_RESUMES_HEADER = b"x-fleetserve-report-resumes"
+EMPTY_TRANSCRIPT = Transcript(None, None, None, "", 0, False, None, False)
 
 
 @dataclass(slots=True)
@@ -55,6 +70,7 @@ class Exchange:
     """One client request in flight through the gateway."""
 
     parsed: ParsedRequest
+    kind: Endpoint
     body: bytes
     path: str
     session: RequestSession
@@ -67,11 +83,48 @@ class Exchange:
     completing: bool = False  # the answer is complete for the client; a disconnect now changes nothing
     status: int = 500  # what the client got, once it has it (500 until then: a bug ends it that way)
     output_tokens: int = 0  # the answer's usage, or the stream's events until a usage chunk says
+    tried: list[str] = field(default_factory=list)  # engines that failed this request
+    unresumable: str | None = None  # why a stream of it cannot be resumed on another engine
+    report_resumes: bool = False  # the client asked for x_fleetserve.resumed in the last chunk
 
     def headers_for(self, engine: EngineState) -> dict[str, str]:
         if engine.spec.forward_auth and self.headers_with_auth is not None:
             return self.headers_with_auth
         return self.headers
+
+
+@dataclass(slots=True)
+class _Recording:
+    """The events a client has received of a resumable stream, bounded by MAX_TRANSCRIPT_BYTES."""
+
+    parts: list[bytes] = field(default_factory=list)
+    size: int = 0
+
+    def add(self, events: bytes) -> _Recording | None:
+        """Self with `events` added, or None once the stream is too long to keep (and resume)."""
+        self.size += len(events)
+        if self.size > MAX_TRANSCRIPT_BYTES:
+            return None
+        self.parts.append(events)
+        return self
+
+    def events(self) -> bytes:
+        return b"".join(self.parts)
+
+
+@dataclass(slots=True)
+class _ClientStream:
+    """One client's stream across the engines that serve it."""
+
+    inter_token: Any  # the model's inter-token histogram child
+    last_sent: float
+    counts_output: bool
+    recording: _Recording | None  # None: this stream is not resumed
+    splice: Splice | None = None  # rewrites a continuation (or adds the resume report)
+    resumes: int = 0
+    pending: bytes = b""  # the start of an event not yet whole
+    events_seen: int = 0
+    usage_tokens: int | None = None
 
 
 class Proxy:
@@ -87,9 +140,12 @@ class Proxy:
         *,
         tenancy: Tenancy,
         tokenizer: PromptTokenizer | None = None,
+        chat_renderers: Mapping[str, ChatRenderer] | None = None,
     ) -> None:
         """`tokenizer` gives policies the prompt's token ids (for prefix hashing) when the model is
-        known; `tenancy` says which tenant a request is and checks its quotas."""
+        known; `tenancy` says which tenant a request is and checks its quotas; `chat_renderers` (model
+        -> its chat template) let a chat stream resume on a llama.cpp engine."""
+        self._chat_renderers = chat_renderers or {}
         self._config = config
         self._tokenizer = tokenizer
         self._dispatcher = dispatcher
@@ -186,7 +242,12 @@ class Proxy:
             arrival=arrival,
             policy=policy,
         )
-        exchange = Exchange(parsed, body, scope["path"], session, UPSTREAM_HEADERS, arrival, send, admitted)
+        exchange = Exchange(
+            parsed, endpoint, body, scope["path"], session, UPSTREAM_HEADERS, arrival, send, admitted
+        )
+        if parsed.stream:
+            exchange.unresumable = unresumable_reason(parsed.payload, endpoint)
+            exchange.report_resumes = _flag(headers.get(REPORT_RESUMES_HEADER))
         if b"authorization" in headers and not keyed:
             exchange.headers_with_auth = {
                 **UPSTREAM_HEADERS,
@@ -258,7 +319,7 @@ class Proxy:
         self._count(exchange.parsed.model, "", answer.status)
 
     async def _forward(self, exchange: Exchange) -> None:
-        tried: list[str] = []
+        tried = exchange.tried
         failure: APIError | None = None
         for attempt in range(self._config.max_retries + 1):
             now = self._clock()
@@ -368,54 +429,201 @@ class Proxy:
         response: aiohttp.ClientResponse,
         chunk: bytes,
     ) -> None:
+        """Relay the stream; if its engine fails mid-stream, resume it on another engine (up to
+        `max_resumes` times) under the same client stream, else end it with an error event."""
         send, model = exchange.send, exchange.parsed.model
         await send(self._start(exchange, response, decision, None))
-        counts_output = self._tenancy.counts_output
-        events_seen = 0
-        usage_tokens: int | None = None
-        last_sent = self._clock()
-        self._metrics.ttft.labels(model).observe(last_sent - exchange.arrival)
-        inter_token = self._metrics.inter_token.labels(model)
-        pending = b""
-        remaining = self._config.total_timeout_s - (last_sent - exchange.arrival)
-        status = 200
-        try:
-            async with asyncio.timeout(remaining):
-                while chunk:
-                    data = pending + chunk if pending else chunk
-                    cut = _last_event_end(data)
-                    if cut:
-                        events = data[:cut]
-                        # a client may close as soon as it has [DONE] (guidellm does): that is a success
-                        if events.endswith(DONE_EVENTS):
-                            exchange.completing = True
-                        if counts_output:
-                            events_seen += events.count(JSON_EVENT)
-                            if b"completion_tokens" in events:
-                                usage_tokens = _last_completion_tokens(events, usage_tokens)
-                            exchange.output_tokens = events_seen if usage_tokens is None else usage_tokens
-                        await send({"type": "http.response.body", "body": events, "more_body": True})
-                        now = self._clock()
-                        inter_token.observe(now - last_sent)
-                        last_sent = now
-                    pending = data[cut:]
-                    chunk = await response.content.readany()
-            tail = pending
-            engine.health.request_succeeded(self._clock())
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            status = 504 if isinstance(exc, TimeoutError) else 502
-            kind = "timeout" if status == 504 else "stream"
-            self._note_failure(engine, kind)
-            message = f"engine {engine.engine_id} failed mid-stream: {_describe(exc)}"
-            tail = (
-                sse_error(status, message, "GatewayTimeoutError" if status == 504 else "BadGatewayError")
-                + DONE
-            )
+        now = self._clock()
+        self._metrics.ttft.labels(model).observe(now - exchange.arrival)
+        stream = _ClientStream(
+            self._metrics.inter_token.labels(model),
+            now,
+            self._tenancy.counts_output,
+            _Recording() if exchange.unresumable is None and self._config.max_resumes else None,
+        )
+        if exchange.report_resumes:
+            stream.splice = self._splice(exchange, EMPTY_TRANSCRIPT, as_completion=False, resumes=0)
+        first_response = response
+        while True:
+            failure = await self._pump(exchange, engine, response, chunk, stream)
+            if response is not first_response:
+                response.close()  # a continuation's; the first is closed by the attempt that opened it
+            if failure is None:
+                tail = stream.pending
+                break
+            status, kind, message = failure
+            resumed = await self._resume(exchange, engine, kind, stream)
+            if resumed is None:
+                tail = sse_error(status, message, _error_type(status)) + DONE
+                break
+            engine, response, chunk = resumed
         exchange.completing = True
         await send({"type": "http.response.body", "body": tail, "more_body": False})
         self._metrics.e2e.labels(model).observe(self._clock() - exchange.arrival)
-        self._count(model, engine.engine_id, status)
-        exchange.status = status
+        exchange.status = 200 if failure is None else status
+        self._count(model, engine.engine_id, exchange.status)
+
+    async def _pump(
+        self,
+        exchange: Exchange,
+        engine: EngineState,
+        response: aiohttp.ClientResponse,
+        chunk: bytes,
+        stream: _ClientStream,
+    ) -> tuple[int, str, str] | None:
+        """Relay one engine's stream to the client, whole events only. None when the engine finished
+        it; (status, kind, message) when the engine failed or stalled."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._config.total_timeout_s - (self._clock() - exchange.arrival)
+        stall = self._config.stream_stall_timeout_s
+        try:
+            async with asyncio.timeout(min(deadline, loop.time() + stall)) as timer:
+                while chunk:
+                    data = stream.pending + chunk if stream.pending else chunk
+                    cut = _last_event_end(data)
+                    if cut:
+                        events = data[:cut] if stream.splice is None else stream.splice.feed(data[:cut])
+                        await self._deliver(exchange, stream, events)
+                    stream.pending = data[cut:]
+                    timer.reschedule(min(deadline, loop.time() + stall))
+                    chunk = await response.content.readany()
+            engine.health.request_succeeded(self._clock())
+            return None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            stream.pending = b""  # half an event from a failed engine never reaches the client
+            stalled = isinstance(exc, TimeoutError) and loop.time() < deadline
+            if isinstance(exc, TimeoutError):
+                kind, status = ("stall" if stalled else "timeout"), 504
+                what = f"sent nothing for {stall:g} s" if stalled else "ran out of time"
+                message = f"engine {engine.engine_id} {what} mid-stream"
+            else:
+                kind, status = "stream", 502
+                message = f"engine {engine.engine_id} failed mid-stream: {_describe(exc)}"
+            self._note_failure(engine, kind)
+            if not stalled and isinstance(exc, TimeoutError):
+                stream.recording = None  # the request's own time is up: there is none left to resume in
+            return status, kind, message
+
+    async def _deliver(self, exchange: Exchange, stream: _ClientStream, events: bytes) -> None:
+        if not events:
+            return
+        # a client may close as soon as it has [DONE] (guidellm does): that is a success
+        if events.endswith(DONE_EVENTS):
+            exchange.completing = True
+        if stream.recording is not None:
+            stream.recording = stream.recording.add(events)
+        if stream.splice is not None:
+            exchange.output_tokens = stream.splice.completion_tokens
+        elif stream.counts_output:
+            stream.events_seen += events.count(JSON_EVENT)
+            if b"completion_tokens" in events:
+                stream.usage_tokens = _last_completion_tokens(events, stream.usage_tokens)
+            exchange.output_tokens = (
+                stream.events_seen if stream.usage_tokens is None else stream.usage_tokens
+            )
+        await exchange.send({"type": "http.response.body", "body": events, "more_body": True})
+        now = self._clock()
+        stream.inter_token.observe(now - stream.last_sent)
+        stream.last_sent = now
+
+    async def _resume(
+        self, exchange: Exchange, failed: EngineState, reason: str, stream: _ClientStream
+    ) -> tuple[EngineState, aiohttp.ClientResponse, bytes] | None:
+        """Continue the answer on another engine: the engine, its open stream and its first bytes, with
+        `stream.splice` set to rewrite them; None when the stream cannot or may no longer be resumed."""
+        config = self._config
+        session = exchange.session
+        session.attempt_ended(self._clock())
+        exchange.tried.append(failed.engine_id)
+        if stream.recording is None:
+            if exchange.unresumable is not None and config.max_resumes:
+                log.info("stream %s not resumed: %s", session.info.request_id, exchange.unresumable)
+            return None
+        so_far = read_transcript(stream.recording.events())
+        if stream.splice is not None:
+            so_far = replace(so_far, tokens=stream.splice.completion_tokens)
+        if so_far.tool_calls:
+            log.info("stream %s not resumed: a tool call was being streamed", session.info.request_id)
+            return None
+        while stream.resumes < config.max_resumes:
+            stream.resumes += 1
+            self._metrics.stream_resumes.labels(reason).inc()
+            opened = await self._open_continuation(exchange, so_far, stream)
+            if opened is not None:
+                engine = opened[0]
+                log.info(
+                    "stream %s resumed on %s after %s on %s, %d tokens in (resume %d of %d)",
+                    session.info.request_id,
+                    engine.engine_id,
+                    reason,
+                    failed.engine_id,
+                    so_far.tokens,
+                    stream.resumes,
+                    config.max_resumes,
+                )
+                return opened
+        log.warning(
+            "stream %s ends with an error: %d resumes used (gateway.max_resumes)",
+            session.info.request_id,
+            stream.resumes,
+        )
+        return None
+
+    async def _open_continuation(
+        self, exchange: Exchange, so_far: Transcript, stream: _ClientStream
+    ) -> tuple[EngineState, aiohttp.ClientResponse, bytes] | None:
+        session = exchange.session
+        now = self._clock()
+        try:
+            engine, _ = self._dispatcher.choose(session, exchange.tried, now)
+        except APIError:
+            return None
+        # a model served by llama.cpp continues a chat through its own template (see chat_templates)
+        renderer = self._chat_renderers.get(engine.model)
+        plan = continuation(
+            exchange.parsed.payload,
+            exchange.kind,
+            so_far,
+            chat_style="continue_final_message" if renderer is None else "rendered",
+            render=renderer,
+        )
+        session.dispatched(now)
+        exchange.engine_id = engine.engine_id
+        remaining = self._config.total_timeout_s - (now - exchange.arrival)
+        response: aiohttp.ClientResponse | None = None
+        try:
+            async with asyncio.timeout(min(self._config.first_token_timeout_s, remaining)):
+                response = await self._session().post(
+                    engine.url + plan.path, data=orjson.dumps(plan.body), headers=exchange.headers_for(engine)
+                )
+                first = await response.content.readany() if response.status == 200 else b""
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self._note_failure(engine, "connect", unreachable=isinstance(exc, aiohttp.ClientConnectorError))
+            first = b""
+        if response is None or response.status != 200 or not first:
+            if response is not None:
+                if response.status != 200:
+                    self._note_failure(engine, "status")
+                response.close()
+            session.attempt_ended(self._clock())
+            exchange.tried.append(engine.engine_id)
+            return None
+        stream.splice = self._splice(
+            exchange, so_far, as_completion=plan.as_completion, resumes=stream.resumes
+        )
+        return engine, response, first
+
+    def _splice(self, exchange: Exchange, so_far: Transcript, *, as_completion: bool, resumes: int) -> Splice:
+        options = exchange.parsed.payload.get("stream_options")
+        options = options if isinstance(options, dict) else {}
+        return Splice(
+            exchange.kind,
+            so_far,
+            as_completion=as_completion,
+            client_usage=bool(options.get("include_usage")),
+            client_continuous_usage=bool(options.get("continuous_usage_stats")),
+            report_resumes=resumes if exchange.report_resumes else None,
+        )
 
     def _start(
         self, exchange: Exchange, response: aiohttp.ClientResponse, decision: Decision, length: int | None
@@ -467,6 +675,14 @@ def _last_event_end(data: bytes) -> int:
         if found >= 0:
             end = max(end, found + len(separator))
     return end
+
+
+def _error_type(status: int) -> str:
+    return "GatewayTimeoutError" if status == 504 else "BadGatewayError"
+
+
+def _flag(value: bytes | None) -> bool:
+    return value is not None and value.strip().lower() in (b"1", b"true", b"yes")
 
 
 def _describe(exc: BaseException) -> str:

@@ -157,11 +157,25 @@ class ChatCompletionRequest(_GenerationRequest):
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    # vLLM's: render the conversation without a new assistant turn, so the model goes on with the last
+    # (assistant) message; how a stream is resumed on another engine
+    continue_final_message: bool = False
+    add_generation_prompt: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
         limit_field = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
         self._check_common(self.output_limit, limit_field)
+        if self.continue_final_message and self.add_generation_prompt:
+            raise _FieldError(
+                "continue_final_message",
+                "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+            )
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise _FieldError(
+                "continue_final_message",
+                "continue_final_message needs the last message to be the assistant's.",
+            )
         if self.logprobs or self.top_logprobs:
             raise _FieldError("logprobs", "logprobs are not supported by this engine; omit the field.")
         for message in self.messages:

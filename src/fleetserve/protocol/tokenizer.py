@@ -121,10 +121,16 @@ def _cached_json_tokenizer(path: str, mtime_ns: int, size: int) -> JsonTokenizer
         raise InputError(f"not a Hugging Face tokenizer.json ({exc})") from exc
 
 
-def chat_prompt(messages: Sequence[tuple[str, str]]) -> str:
+def chat_prompt(
+    messages: Sequence[tuple[str, str]], *, add_generation_prompt: bool = True, continue_final: bool = False
+) -> str:
     """A generic chat template over (role, text) pairs, ending with the assistant's turn. Templates of
     real models differ in their markers, not in the property that matters here: a conversation that
-    grows by turns keeps its earlier turns as a prefix."""
+    grows by turns keeps its earlier turns as a prefix. `continue_final` leaves the last message open,
+    so the answer goes on from its text (vLLM's continue_final_message)."""
     parts = [f"<|{role}|>\n{text}\n" for role, text in messages]
-    parts.append("<|assistant|>\n")
+    if continue_final and parts:
+        parts[-1] = parts[-1][:-1]
+    if add_generation_prompt:
+        parts.append("<|assistant|>\n")
     return "".join(parts)

@@ -17,4 +17,8 @@ def json_response(content: Any, status: int = 200) -> Response:
 
 
 def render_chat(chat: openai.ChatCompletionRequest) -> str:
-    return chat_prompt([(message.role, message.text()) for message in chat.messages])
+    return chat_prompt(
+        [(message.role, message.text()) for message in chat.messages],
+        add_generation_prompt=chat.add_generation_prompt,
+        continue_final=chat.continue_final_message,
+    )
