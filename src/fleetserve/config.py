@@ -442,6 +442,29 @@ class TenantConfig(_Strict):
         return [digest.lower() for digest in digests]
 
 
+class MigrationConfig(_Strict):
+    """Moving running requests between engines (fleetserve.migration)."""
+
+    policy: Literal["none", "drain_time", "freeness"] = Field(
+        "none",
+        description="none; drain_time (load = the engine model's predicted time to drain, moves only"
+        " when the request finishes sooner elsewhere); freeness (Llumnix: free blocks per request).",
+    )
+    interval_s: float = Field(1.0, gt=0, description="How often the controller looks at the fleet.")
+    kv: bool = Field(
+        True,
+        description="Move the KV cache in stages (emulated engines); false: the destination recomputes"
+        " the context (llama.cpp, vLLM without a migration connector).",
+    )
+    max_moves: int = Field(4, ge=1, description="Moves started per look, over the whole fleet.")
+    min_gap_s: float = Field(
+        0.5, ge=0, description="drain_time: engines whose drain times differ less are left alone."
+    )
+    min_freeness_gap: float = Field(
+        16.0, ge=0, description="freeness: engines whose freeness differs less are left alone."
+    )
+
+
 class EmulatorConfig(_Strict):
     host: str = Field("127.0.0.1", description="Address the emulated engines listen on.")
     base_port: int = Field(8100, ge=1, le=65535, description="Port of the first emulated engine.")
@@ -461,6 +484,7 @@ class FleetConfig(_Strict):
         None, description="Shared quotas and VTC counters; without it limits are per gateway replica."
     )
     tenants: list[TenantConfig] = Field(default_factory=list, description="The fleet's tenants.")
+    migration: MigrationConfig = Field(default_factory=MigrationConfig)
 
     @field_validator("tenants")
     @classmethod

@@ -195,6 +195,9 @@ def _tenant_table(per_tenant: dict[str, Any], jain: float) -> Any:
               help="YAML list of fleet changes during the run, e.g. `- {at_s: 60, start: h100}`, "
               "`- {at_s: 300, drain: l4-0, timeout_s: 60}`, `- {at_s: 400, stop: l4-1}` (seconds after "
               "the first arrival; a started engine serves after its cold start).")  # fmt: skip
+@click.option("--migration", type=click.Choice(["none", "drain_time", "freeness"]),
+              help="Move running requests between engines (default: the fleet file's migration.policy):"
+              " drain_time (heterogeneity-aware) or freeness (Llumnix's metric).")  # fmt: skip
 @click.pass_context
 def sim(
     ctx: click.Context,
@@ -210,6 +213,7 @@ def sim(
     json_path: str | None,
     report_path: str | None,
     script_path: str | None,
+    migration: str | None,
 ) -> None:
     """Replay a trace against the simulated fleet a fleet file describes."""
     if ctx.invoked_subcommand is not None:
@@ -219,6 +223,9 @@ def sim(
     with _user_errors():
         config, trace = _load(config_path, trace_path, trace_format, limit, rate_scale)
         _check_policy(policy, config)
+        if migration is not None:
+            settings = config.migration.model_copy(update={"policy": migration})
+            config = config.model_copy(update={"migration": settings})
         options = _options(sync_interval)
         if script_path is not None:
             options = dataclasses.replace(options, fleet_script=_fleet_script(script_path))

@@ -50,6 +50,7 @@ class GpuSpec:
     host_link_gbps: host-to-device bandwidth in one direction, GB/s (PCIe), used for adapter loads.
     weight_load_gbps: how fast a starting engine reads its weights onto this GPU, GB/s (storage to
     device; see gpus.yaml for the assumption behind the default), used for cold starts.
+    network_gbps: scale-out network per GPU, one direction, GB/s (its NICs' share), used for KV migration.
     sm_count: streaming multiprocessors; boost_clock_ghz: their boost clock. Together they set how many
     GEMM tiles run in one wave and how fast memory-bound kernels issue their work.
     """
@@ -66,6 +67,8 @@ class GpuSpec:
     host_link_gbps: float = 32.0
     weight_load_gbps: float = 2.0
     interconnect: str = "PCIe"
+    network_gbps: float = 1.25
+    network: str = "10 GbE (assumed)"
     aliases: tuple[str, ...] = field(default=(), compare=False)
 
 

@@ -111,6 +111,12 @@ class CostModel:
         # engines of one kind share their memo: a fleet of 64 engines in 3 kinds fills 3, not 64
         self._token_memo, self._sequence_memo = _shared_memos(gpu, model, tp, self.params)
 
+    @property
+    def kv_bytes_per_token_per_gpu(self) -> float:
+        """K and V of one token that one GPU of the engine holds (what migrating the token moves over
+        that GPU's link)."""
+        return self._kv_bytes_per_token_per_gpu
+
     def cold_start_s(self, engine_start_s: float = ENGINE_START_S) -> float:
         """Seconds from starting the engine to serving: its share of the weights read at the GPU's
         `weight_load_gbps`, plus the fixed `engine_start_s`."""

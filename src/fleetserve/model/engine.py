@@ -30,7 +30,13 @@ from fleetserve.model.scheduler import (
     Seq,
     cdiv,
 )
-from fleetserve.model.types import EngineRequest, StepResult, TokenOutput
+from fleetserve.model.types import (
+    DecodingRequest,
+    EngineRequest,
+    ExportedRequest,
+    StepResult,
+    TokenOutput,
+)
 
 if TYPE_CHECKING:
     from fleetserve.model.catalog import Catalog
@@ -126,6 +132,65 @@ class EngineModel:
     def abort_request(self, request_id: str, now: float) -> None:
         if self.scheduler.abort(request_id) is not None:
             self._poke(now)
+
+    # ---- migration (model/migration.py has how long the KV copy takes) ----------------------------
+
+    def decoding(self) -> list[DecodingRequest]:
+        """Requests past their prefill, as of the last iteration advanced to: what may migrate."""
+        decode = self.scheduler.decode
+        out = []
+        for seq in decode.members.values():
+            done = decode.output(seq)
+            out.append(DecodingRequest(seq.request_id, seq.prompt_len + done, seq.output_len - done))
+        return out
+
+    def export_request(
+        self, request_id: str, now: float, result: StepResult | None = None
+    ) -> ExportedRequest | None:
+        """Take a decoding request off this engine (its blocks freed) to go on elsewhere; None when it
+        is not decoding here (it finished, or was preempted back to the queue). Tokens it produced and
+        this engine has not reported yet (quiet mode) are reported into `result` first."""
+        scheduler = self.scheduler
+        seq = scheduler.requests.get(request_id)
+        if seq is None or not seq.in_decode:
+            return None
+        done = scheduler.decode.output(seq)  # the iteration in flight, if any, is not counted
+        if done >= seq.output_len:
+            return None
+        unreported = done - seq.num_reported
+        if unreported > 0:
+            assert result is not None, "a quiet engine exports into a StepResult"
+            last = self._batch_start if scheduler.in_flight is not None else now
+            first = seq.unreported_since if seq.unreported_since is not None else last
+            result.outputs.append(TokenOutput(request_id, unreported, first, last))
+            seq.num_reported = done
+        exported = ExportedRequest(
+            request_id, seq.prompt_len, done, seq.output_len - done, seq.adapter, seq.priority, seq.arrival
+        )
+        scheduler.abort(request_id)
+        self._poke(now)
+        return exported
+
+    def import_request(self, exported: ExportedRequest, now: float, *, with_kv: bool) -> None:
+        """Go on with a request another engine exported: its context arrives as KV (`with_kv`: only the
+        last token is computed again) or is prefilled here (recompute). Its blocks are its own: an
+        imported context is not matched against this engine's prefix cache."""
+        context = exported.prompt_len + exported.output_done
+        request = EngineRequest(
+            exported.request_id,
+            range(context),  # unique_prompt: the engine reads the context's length only
+            exported.output_left,
+            now,
+            exported.adapter,
+            exported.priority,
+            unique_prompt=True,
+            imported_tokens=context - 1 if with_kv else 0,
+        )
+        self.add_request(request, now)
+
+    def can_hold(self, context_tokens: int) -> bool:
+        """Whether free blocks could take a context of this many tokens now."""
+        return self.kv.can_allocate(-(-context_tokens // self.kv.block_size))
 
     def _check(self, request: EngineRequest) -> None:
         config, model = self.config, self.cost.model

@@ -84,6 +84,7 @@ class Seq:
         "cached_hashes",
         "decode_clock0",
         "first_token_time",
+        "imported",
         "in_decode",
         "num_blocks",
         "num_cached_prompt_tokens",
@@ -117,6 +118,7 @@ class Seq:
         # a unique prompt's computed full blocks are cached without hashes: the first num_committed
         # blocks it holds, counted among its anonymous ones (see kvcache)
         self.unique = unique
+        self.imported = request.imported_tokens  # KV that came with a migrated request, until admitted
         self.status = WAITING
         self.num_computed = 0
         self.num_output = 0
@@ -514,6 +516,8 @@ class Scheduler:
             # at least the last token is recomputed: its logits give the next token
             hit_blocks = kv.count_cached_prefix(hashes, (num_tokens - 1) // block_size) if hashes else 0
             computed = hit_blocks * block_size
+            if seq.imported > computed:  # its own blocks arrived with it: allocated here, not prefilled
+                hit_blocks, computed = 0, min(seq.imported, num_tokens - 1)
             remaining = num_tokens - computed
             if not config.enable_chunked_prefill and remaining > budget:
                 break
@@ -523,10 +527,11 @@ class Scheduler:
             if not kv.can_allocate(new_blocks, touched):
                 break
             waiting.pop()
+            seq.imported = 0  # preempted later, it recomputes like any request
             if touched:
                 kv.touch(touched)
             kv.allocate(new_blocks)
-            kv.record_lookup(num_tokens, computed)
+            kv.record_lookup(num_tokens, hit_blocks * block_size)
             if seq.num_output == 0:
                 seq.num_cached_prompt_tokens = computed
             seq.status = RUNNING

@@ -27,10 +27,34 @@ class EngineRequest:
     # without hash_ids): the engine then never reads the tokens, only their count, and caches the
     # prompt's blocks without hashing them. Prefix hits and block accounting are as with hashing.
     unique_prompt: bool = False
+    # a migrated request's KV arrived with it: this many leading tokens need no prefill (model/migration.py)
+    imported_tokens: int = 0
 
     @property
     def prompt_len(self) -> int:
         return len(self.prompt_token_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class DecodingRequest:
+    """A request in its decode phase: its context so far and the tokens it has left to produce."""
+
+    request_id: str
+    context_tokens: int
+    tokens_left: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExportedRequest:
+    """What an engine hands over when a request migrates (its KV travels beside it)."""
+
+    request_id: str
+    prompt_len: int
+    output_done: int
+    output_left: int
+    adapter: str | None
+    priority: int
+    arrival: float
 
 
 class TokenOutput(NamedTuple):

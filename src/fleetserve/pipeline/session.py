@@ -211,6 +211,12 @@ class RequestSession:
             engine.in_flight -= 1
             self.policy.on_finish(self.info, engine.engine_id, now)
 
+    def moved(self, engine: EngineView, now: float) -> None:
+        """The request goes on on another engine (it migrated): the attempt there replaces this one."""
+        self.attempt_ended(now)
+        self.engine = engine
+        self.dispatched(now)
+
     def finished(self, now: float, status: int, output_tokens: int = 0, latency_s: float = math.nan) -> None:
         """The request has ended for good, served (200) or not (its error status; 499: client gone).
         Every stage it passed learns how; calling it twice changes nothing."""

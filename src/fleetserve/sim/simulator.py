@@ -28,9 +28,10 @@ from operator import attrgetter
 
 from fleetserve.config import FleetConfig
 from fleetserve.control import EngineEvent, FleetStep
+from fleetserve.migration import MigrationController, Move, engine_load
 from fleetserve.model.catalog import Catalog, UnknownEntry
 from fleetserve.model.engine import RequestRejected
-from fleetserve.model.types import EngineRequest, StepResult
+from fleetserve.model.types import EngineRequest, ExportedRequest, StepResult
 from fleetserve.pipeline import Answer, Hold, Refuse, Refused, RequestPath, RequestSession
 from fleetserve.routing import Policy, make_policy
 from fleetserve.sim.actuator import SimActuator
@@ -38,6 +39,7 @@ from fleetserve.sim.errors import SimInputError
 from fleetserve.sim.events import VirtualClock, WakeupQueue
 from fleetserve.sim.fleet import SimEngine, SimFleet, build_fleet
 from fleetserve.sim.metrics import SLO, RequestMetrics
+from fleetserve.sim.migrations import MigrationLog
 from fleetserve.sim.prompts import LazyPromptTokens
 from fleetserve.sim.result import LoadSeries, SimResult, build_result
 from fleetserve.tenants import TenantStage
@@ -140,6 +142,21 @@ class Simulator:
         )
         self._late = 0  # finished requests that missed the SLO
         self.stopped_early = False
+        settings = config.migration
+        self.migration = (
+            None
+            if settings.policy == "none"
+            else MigrationController(
+                settings.policy,
+                kv=settings.kv,
+                max_moves=settings.max_moves,
+                min_gap_s=settings.min_gap_s,
+                min_freeness_gap=settings.min_freeness_gap,
+            )
+        )
+        self._migration_interval = settings.interval_s
+        self._next_migration = -math.inf
+        self.migrations = MigrationLog()
 
     # -- the fleet changing shape (called by SimActuator) ------------------------------------------
 
@@ -242,6 +259,8 @@ class Simulator:
         )
         if self.stopped_early:
             result.summary["stopped_early"] = True
+        if self.migration is not None:
+            result.summary.update(self.migrations.summary(self.config.migration.policy))
         return result
 
     def _scripted(self, step: FleetStep) -> Callable[[float], None]:
@@ -257,6 +276,74 @@ class Simulator:
 
         return act
 
+    # -- migration (the controller is fleetserve.migration's, as live) -----------------------------
+
+    def _migrate(self, now: float) -> None:
+        assert self.migration is not None
+        loads = []
+        for engine in self.fleet.engines:
+            if engine.state in (EngineEvent.READY, EngineEvent.DRAINING):
+                if self._wakeups.pending(engine.index) <= now:
+                    self._advance(engine, now)
+                draining = engine.state is EngineEvent.DRAINING
+                loads.append(
+                    engine_load(engine.engine_id, engine.group.model, engine.model, draining=draining)
+                )
+        for move in self.migration.decide(loads):
+            self.migration.started(move)
+            if move.copy is None:  # recompute: the request leaves now and is prefilled at the destination
+                self._pause(move, now, 0.0)
+            else:
+                pause_at = now + move.copy.copy_s - move.copy.downtime_s
+                self.at(pause_at, lambda when, move=move: self._pause(move, when, move.copy.downtime_s))
+
+    def _pause(self, move: Move, now: float, downtime_s: float) -> None:
+        """The last stage: the request stops on the source; it lands on the destination `downtime_s`
+        later. Abandoned if it finished meanwhile or the destination has no room for it."""
+        assert self.migration is not None
+        source, destination = self._by_id[move.source], self._by_id[move.destination]
+        live = self._live.get(move.request_id)
+        if live is None or live.engine is not source or destination.state is not EngineEvent.READY:
+            self.migration.ended(move.request_id)
+            return
+        if self._wakeups.pending(source.index) <= now:
+            self._advance(source, now)
+        exported = None
+        if destination.model.can_hold(move.context_tokens):
+            result = self._step
+            exported = source.model.export_request(move.request_id, now, result)
+            if result.outputs:  # the tokens it made on the source and the source had not reported
+                self._absorb(source, result)
+                result.outputs.clear()
+        if exported is None:
+            self.migrations.aborted += 1
+            self.migration.ended(move.request_id)
+            return
+        self._wakeups.schedule(source.index, source.model.next_event_time())
+        self._stale.add(source.index)
+        live.session.moved(destination.view, now)
+        source.finish(now)
+        destination.dispatch(now)
+        live.engine = destination
+        if source.state is EngineEvent.DRAINING and source.in_flight == 0:
+            self.actuator.drained(source, now)
+        self.at(now + downtime_s, lambda when: self._land(move, exported, live, when, downtime_s))
+
+    def _land(
+        self, move: Move, exported: ExportedRequest, live: _Live, now: float, downtime_s: float
+    ) -> None:
+        assert self.migration is not None
+        self.migration.ended(move.request_id)
+        destination = live.engine
+        if destination.state is not EngineEvent.READY or live.session.info.request_id not in self._live:
+            return  # the destination stopped meanwhile: engine_stopped failed the request
+        if self._wakeups.pending(destination.index) <= now:
+            self._advance(destination, now)
+        destination.model.import_request(exported, now, with_kv=move.copy is not None)
+        self._wakeups.schedule(destination.index, destination.model.next_event_time())
+        self._stale.add(destination.index)
+        self.migrations.record(move, downtime_s)
+
     def _out_of_reach(self) -> bool:
         """More requests have missed the SLO (failed, or finished late) than the target allows."""
         assert self._allowed_misses is not None
@@ -267,6 +354,9 @@ class Simulator:
             self._run_due(now)
         self.clock.advance_to(max(now, self.clock.now))
         self._sync(now)
+        if self.migration is not None and now >= self._next_migration:
+            self._next_migration = now + self._migration_interval
+            self._migrate(now)
         if now >= next_sample:
             self.load.sample(now, self.fleet.engines)
             next_sample = now + self._sample_interval

@@ -1,0 +1,11 @@
+"""Moving running requests between engines (Llumnix, made heterogeneity-aware): `controller.py`."""
+
+from fleetserve.migration.controller import (
+    MIGRATION_POLICIES,
+    EngineLoad,
+    MigrationController,
+    Move,
+    engine_load,
+)
+
+__all__ = ["MIGRATION_POLICIES", "EngineLoad", "MigrationController", "Move", "engine_load"]
