@@ -476,8 +476,12 @@ class Proxy:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._config.total_timeout_s - (self._clock() - exchange.arrival)
         stall = self._config.stream_stall_timeout_s
+        # moving the stall deadline costs a timer per chunk: move it at most every tenth of the stall
+        # timeout (a stall is then detected 0.9x to 1x the timeout after the last chunk)
+        refresh = stall / 10
+        moved = loop.time()
         try:
-            async with asyncio.timeout(min(deadline, loop.time() + stall)) as timer:
+            async with asyncio.timeout_at(min(deadline, moved + stall)) as timer:
                 while chunk:
                     data = stream.pending + chunk if stream.pending else chunk
                     cut = _last_event_end(data)
@@ -485,7 +489,10 @@ class Proxy:
                         events = data[:cut] if stream.splice is None else stream.splice.feed(data[:cut])
                         await self._deliver(exchange, stream, events)
                     stream.pending = data[cut:]
-                    timer.reschedule(min(deadline, loop.time() + stall))
+                    now = loop.time()
+                    if now - moved > refresh:
+                        moved = now
+                        timer.reschedule(min(deadline, now + stall))
                     chunk = await response.content.readany()
             engine.health.request_succeeded(self._clock())
             return None
