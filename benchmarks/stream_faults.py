@@ -21,7 +21,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,8 @@ from pathlib import Path
 import openai
 import yaml
 
-from common import answers, free_port, publish, section_head, stop_process_group
+from common import free_port, publish, section_head, stop_process_group
+from gateway_overhead import wait_ready
 
 FLEETSERVE = Path(sys.executable).with_name("fleetserve")
 MODEL = "llama-3-8b"
@@ -43,14 +43,6 @@ class Run:
     tokens: int = 0
     resumes: float = 0.0
     failures: list[str] = field(default_factory=list)
-
-
-def wait(url: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not answers(url):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} did not answer within {timeout:g} s")
-        time.sleep(0.1)
 
 
 def metric(url: str, name: str) -> float:
@@ -115,7 +107,7 @@ def start_fleet(
         )
         urls.append(f"http://127.0.0.1:{port}")
     for url in urls:
-        wait(url + "/v1/models")
+        wait_ready(url + "/v1/models")
     port = free_port()
     fleet = {
         "engines": [
@@ -139,7 +131,7 @@ def start_fleet(
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
-    wait(url + "/ready")
+    wait_ready(url + "/ready")
     return engines, gateway, url
 
 

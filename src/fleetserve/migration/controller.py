@@ -27,6 +27,7 @@ from fleetserve.errors import InputError
 from fleetserve.model.cost import CostModel
 from fleetserve.model.engine import EngineModel
 from fleetserve.model.migration import StagedCopy, staged_copy
+from fleetserve.model.scheduler import cdiv
 from fleetserve.model.types import DecodingRequest
 
 MigrationPolicy = Literal["drain_time", "freeness"]
@@ -83,12 +84,12 @@ class EngineLoad:
         return (self.free_blocks - self.waiting_blocks) / max(1, self.batch)
 
     def without(self, request: DecodingRequest) -> EngineLoad:
-        blocks = -(-request.context_tokens // self.block_size)
+        blocks = cdiv(request.context_tokens, self.block_size)
         decoding = tuple(other for other in self.decoding if other.request_id != request.request_id)
         return replace(self, decoding=decoding, free_blocks=self.free_blocks + blocks)
 
     def with_request(self, request: DecodingRequest) -> EngineLoad:
-        blocks = -(-request.context_tokens // self.block_size)
+        blocks = cdiv(request.context_tokens, self.block_size)
         return replace(self, decoding=(*self.decoding, request), free_blocks=self.free_blocks - blocks)
 
 
@@ -106,7 +107,7 @@ def engine_load(engine_id: str, model: str, engine: EngineModel, *, draining: bo
         kv.num_blocks,
         sum(seq.num_tokens - seq.num_computed for seq in waiting)
         + sum(seq.num_tokens - seq.num_computed for seq in scheduler.prefilling.values()),
-        sum(-(-seq.num_tokens // kv.block_size) for seq in waiting),
+        sum(cdiv(seq.num_tokens, kv.block_size) for seq in waiting),
         sum(seq.output_len - seq.num_output for seq in waiting),
         tuple(engine.decoding()),
         draining,
@@ -198,7 +199,7 @@ class MigrationController:
             key=lambda request: request.context_tokens,
         )
         for request in candidates:
-            blocks = -(-request.context_tokens // destination.block_size)
+            blocks = cdiv(request.context_tokens, destination.block_size)
             if blocks > destination.free_blocks - destination.waiting_blocks:
                 continue
             copy = self._copy(source, destination, request)

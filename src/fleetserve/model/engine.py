@@ -190,7 +190,7 @@ class EngineModel:
 
     def can_hold(self, context_tokens: int) -> bool:
         """Whether free blocks could take a context of this many tokens now."""
-        return self.kv.can_allocate(-(-context_tokens // self.kv.block_size))
+        return self.kv.can_allocate(cdiv(context_tokens, self.kv.block_size))
 
     def _check(self, request: EngineRequest) -> None:
         config, model = self.config, self.cost.model
