@@ -41,6 +41,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -79,6 +80,9 @@ class TwinSettings:
     seed: int = 0
     output_tokens: tuple[int, int] = (32, 192)  # uniform, inclusive
     fleet: tuple[tuple[str, str, int], ...] = FLEET  # (group name, gpu, replicas)
+    # the fleet file's `migration:` block, for both sides (interval_s in wall seconds, as the gateway
+    # runs it; the simulator gets it in model time)
+    migration: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,8 @@ class PolicyRun:
     engine_ttft_mean_ms: float  # model time, as the engines timed it (from arrival at the engine)
     live_shares: dict[str, int]  # requests per engine, as the gateway counted them
     sim_shares: dict[str, int]
+    live_migrations: dict[str, int]  # moves carried out, by reason
+    sim_migrations: dict[str, int]
 
     def errors(self) -> tuple[float, float]:
         return _relative(self.live.ttft_ms, self.sim.ttft_ms), _relative(self.live.tpot_ms, self.sim.tpot_ms)
@@ -177,14 +183,15 @@ def fleet_document(settings: TwinSettings, policy: str, gateway_port: int, base_
         "slo": {"ttft_ms": settings.slo_ttft_ms, "tpot_ms": settings.slo_tpot_ms},
         "gateway": {"port": gateway_port, "scrape_interval_s": SCRAPE_INTERVAL_S, "max_queue": 4096},
         "emulator": {"base_port": base_port},
+        **({"migration": dict(settings.migration)} if settings.migration else {}),
     }
 
 
 # live side
 
 
-def _metric_by_label(url: str, name: str, label: str) -> dict[str, float]:
-    """Sum of a Prometheus metric's samples, per value of one label."""
+def _metric_by_label(url: str, name: str, label: str, only: str = "") -> dict[str, float]:
+    """Sum of a Prometheus metric's samples (those whose labels include `only`), per value of one label."""
     with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
         text = response.read().decode()
     totals: dict[str, float] = {}
@@ -193,7 +200,7 @@ def _metric_by_label(url: str, name: str, label: str) -> dict[str, float]:
             continue
         labels, _, value = line.rpartition(" ")
         key = f'{label}="'
-        if key not in labels:
+        if key not in labels or only not in labels:
             continue
         label_value = labels.split(key, 1)[1].split('"', 1)[0]
         totals[label_value] = totals.get(label_value, 0.0) + float(value)
@@ -212,9 +219,10 @@ def _wait_for(predicate: Callable[[], bool], timeout: float, what: str, process:
 
 def run_live(
     fleet_file: Path, config: FleetConfig, trace_file: Path, settings: TwinSettings, log: Path
-) -> tuple[BenchResult, dict[str, int], float]:
+) -> tuple[BenchResult, dict[str, int], float, dict[str, int]]:
     """One bench run through a fresh `fleetserve serve -c` (gateway plus launched engines): the result,
-    requests per engine, and the engines' own mean TTFT (wall seconds, from their vLLM histograms)."""
+    requests per engine, the engines' own mean TTFT (wall seconds, from their vLLM histograms) and the
+    moves the migration controller carried out, by reason."""
     argv = [str(FLEETSERVE), "serve", "-c", str(fleet_file)]
     with log.open("wb") as out:
         server = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -242,6 +250,7 @@ def run_live(
         )
         result = asyncio.run(run_bench(bench))
         shares = _metric_by_label(url, "fleetserve_gateway_requests_total", "engine")
+        moved = _metric_by_label(url, "fleetserve_migrations_total", "reason", only='outcome="moved"')
         ttft_sum = ttft_count = 0.0
         for instance in config.instances():
             ttft_sum += sum(
@@ -255,7 +264,8 @@ def run_live(
     finally:
         stop_process_group(server, timeout=15)
     engine_ttft = ttft_sum / ttft_count if ttft_count else float("nan")
-    return result, {engine: int(count) for engine, count in sorted(shares.items()) if engine}, engine_ttft
+    shares = {engine: int(count) for engine, count in sorted(shares.items()) if engine}
+    return result, shares, engine_ttft, {reason: int(count) for reason, count in moved.items()}
 
 
 def live_figures(result: BenchResult, settings: TwinSettings) -> Figures:
@@ -283,8 +293,13 @@ def live_figures(result: BenchResult, settings: TwinSettings) -> Figures:
 
 def run_sim(
     config: FleetConfig, trace: Sequence[TraceRequest], policy: str, settings: TwinSettings
-) -> tuple[Figures, dict[str, int]]:
+) -> tuple[Figures, dict[str, int], dict[str, int]]:
     options = SimOptions(sync_interval_s=config.gateway.scrape_interval_s / settings.time_scale)
+    # the live loop's interval is wall time; the engines' model time runs time_scale x slower
+    migration = config.migration.model_copy(
+        update={"interval_s": config.migration.interval_s / settings.time_scale}
+    )
+    config = config.model_copy(update={"migration": migration})
     result = simulate(config, trace, policy, seed=settings.seed, options=options)
     arrays = result.requests
     ttft, tpot = arrays.ttft(), arrays.tpot()
@@ -298,7 +313,8 @@ def run_sim(
         ttft_by_request_ms=1000.0 * (arrays.first_token - arrays.arrival),
     )
     shares = {engine: int(row["requests"]) for engine, row in result["per_engine"].items()}
-    return figures, shares
+    moved = result.summary.get("migrations", {}).get("by_reason", {})
+    return figures, shares, moved
 
 
 # comparison
@@ -344,8 +360,8 @@ def check_twin(
         fleet_file.write_text(yaml.safe_dump(document, sort_keys=False))
         config = parse_fleet(fleet_file.read_text(), str(fleet_file))
         log = work / f"serve-{policy}.log"
-        result, live_shares, engine_ttft = run_live(fleet_file, config, trace_file, settings, log)
-        sim, sim_shares = run_sim(config, seen_by_engines, policy, settings)
+        result, live_shares, engine_ttft, live_moves = run_live(fleet_file, config, trace_file, settings, log)
+        sim, sim_shares, sim_moves = run_sim(config, seen_by_engines, policy, settings)
         run = PolicyRun(
             policy,
             live_figures(result, settings),
@@ -354,6 +370,8 @@ def check_twin(
             1000.0 * engine_ttft / settings.time_scale,
             live_shares,
             sim_shares,
+            live_moves,
+            sim_moves,
         )
         runs.append(run)
         progress(

@@ -3,6 +3,7 @@ spoken to with the official openai client, httpx, prometheus_client's parser and
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -410,3 +411,39 @@ engines:
         assert l4_models == ["qwen2.5-7b", "chat-lora"]
     finally:
         assert process.stop(signal.SIGINT) == 0, "".join(process.output)
+
+
+def test_export_hands_a_running_request_over_and_import_goes_on_with_it(real_time_emulator: Engine) -> None:
+    url = real_time_emulator.url
+    body = {"prompt": "a long answer please " * 20, "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=30) as http:
+        with http.stream(
+            "POST", f"{url}/v1/completions", json=body, headers={"x-request-id": "mig-1"}
+        ) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+            load = http.get(f"{url}/fleetserve/load").json()
+            assert [row[0] for row in load["decoding"]] == ["mig-1"]
+            exported = http.post(f"{url}/fleetserve/export", json={"request_id": "mig-1"})
+            assert exported.status_code == 200, exported.text
+            state = exported.json()
+            events = ["first", *(line for line in lines if line.startswith("data: "))]
+        # the stream sent every token made here, then ended without [DONE]
+        assert "data: [DONE]" not in events and len(events) == state["output_tokens"]
+        assert state["output_left"] == 2000 - state["output_tokens"] and state["finish_reason"] == "length"
+        assert http.post(f"{url}/fleetserve/export", json={"request_id": "mig-1"}).status_code == 404
+        after = http.get(f"{url}/fleetserve/load").json()
+        assert after["decoding"] == [] and after["free_blocks"] == after["total_blocks"]  # no block kept
+
+        imported = {"output_left": 5, "finish_reason": "stop", "kv": True}
+        header = {"x-fleetserve-import": json.dumps(imported), "x-request-id": "mig-1"}
+        going_on = http.post(f"{url}/v1/completions", json={**body, "stream": False}, headers=header)
+        assert going_on.status_code == 200, going_on.text
+        answer = going_on.json()
+        assert answer["usage"]["completion_tokens"] == 5 and answer["choices"][0]["finish_reason"] == "stop"
+
+        bad = http.post(f"{url}/v1/completions", json=body, headers={"x-fleetserve-import": "{"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "x-fleetserve-import"
+        unknown = http.post(f"{url}/fleetserve/export", json={"request_id": "nobody"})
+        assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "NotFoundError"
+        assert http.post(f"{url}/fleetserve/export", json={"request_id": 7}).status_code == 400

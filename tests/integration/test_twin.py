@@ -51,3 +51,26 @@ def test_live_and_simulated_fleets_break_ties_the_same_way(tmp_path: Path) -> No
     for run in runs:
         assert run.live_shares == run.sim_shares, (run.live_shares, run.sim_shares)
         assert run.live_shares["h100"] >= 7  # an idle fleet's requests go to its fastest engine
+
+
+MIGRATING = TwinSettings(
+    requests=80,
+    rate=80.0,  # a burst: round robin gives the L4 as many requests as the H100, and the L4 queues
+    time_scale=2.0,
+    output_tokens=(60, 120),
+    fleet=(("l4", "l4", 1), ("h100", "h100-80g", 1)),
+    migration=(("policy", "drain_time"), ("interval_s", 0.25)),
+)
+
+
+def test_live_and_simulated_fleets_migrate_alike(tmp_path: Path) -> None:
+    """The same migration controller over the gateway's engine loads and over the simulator's engine
+    models moves about as many requests, for the same reason, with the same latencies as a result."""
+    (run,) = check_twin(["round_robin"], MIGRATING, tmp_path, progress=lambda line: None)
+    assert run.live.completed == run.sim.completed == MIGRATING.requests
+    assert set(run.live_migrations) == set(run.sim_migrations) == {"load"}
+    live, sim = run.live_migrations["load"], run.sim_migrations["load"]
+    assert sim >= 4 and abs(live - sim) <= max(2, 0.3 * sim), (live, sim)
+    ttft_error, tpot_error = run.errors()
+    assert ttft_error <= 0.25, (run.live.ttft_ms, run.sim.ttft_ms)
+    assert tpot_error <= 0.25, (run.live.tpot_ms, run.sim.tpot_ms)

@@ -3,9 +3,11 @@ rules, and migration in the simulator."""
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
 from fleetserve.config import FleetConfig
+from fleetserve.errors import InputError
 from fleetserve.migration import EngineLoad, MigrationController, engine_load
 from fleetserve.model.catalog import default_catalog
 from fleetserve.model.cost import CostModel
@@ -154,6 +156,22 @@ def test_the_controller_reads_the_engine_model() -> None:
     assert (
         snapshot.batch == 3 and snapshot.drain_s() > 0 and snapshot.free_blocks == engine.kv.num_free_blocks
     )
+
+
+def test_a_load_crosses_the_wire_unchanged_and_only_movable_requests_move() -> None:
+    engine = decoding_engine("l4", 3)
+    engine.add_request(EngineRequest("queued", range(3000), 10, 2.0, unique_prompt=True), 2.0)
+    snapshot = engine_load("l4-0", "llama-3-8b", engine)
+    wire = orjson.loads(orjson.dumps(snapshot.to_wire()))  # as the engine sends it and the gateway reads it
+    assert EngineLoad.from_wire("l4-0", "llama-3-8b", snapshot.cost, wire) == snapshot
+    pinned = EngineLoad.from_wire(
+        "l4-0", "llama-3-8b", snapshot.cost, wire, movable=lambda request_id: request_id == "r2"
+    )
+    controller = MigrationController("drain_time", max_moves=3)
+    moves = controller.decide([pinned, load("h100-0", "h100-80g", 0)])
+    assert [move.request_id for move in moves] == ["r2"]
+    with pytest.raises(InputError, match="engine l4-0 sent a malformed load"):
+        EngineLoad.from_wire("l4-0", "llama-3-8b", snapshot.cost, {**wire, "decoding": [["r0", 1]]})
 
 
 def test_unknown_policy_is_refused() -> None:

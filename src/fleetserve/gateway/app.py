@@ -29,6 +29,7 @@ from fleetserve.fleet.view import ViewBuilder
 from fleetserve.gateway.asgi import Receive, Scope, Send, send_bytes, send_error, send_json
 from fleetserve.gateway.dispatch import Dispatcher, ModelIndex
 from fleetserve.gateway.metrics import GatewayMetrics
+from fleetserve.gateway.migration import LiveMigration, MovableStreams
 from fleetserve.gateway.proxy import Proxy
 from fleetserve.gateway.tenancy import Tenancy
 from fleetserve.gateway.tokens import PromptTokenizer
@@ -76,6 +77,7 @@ class Gateway:
             slo=config.slo,
         )
         self.tenancy = Tenancy(config, self.metrics, self.dispatcher.path.stages)
+        movable = None if config.migration.policy == "none" else MovableStreams()
         self.proxy = Proxy(
             config.gateway,
             self.dispatcher,
@@ -86,6 +88,21 @@ class Gateway:
             tenancy=self.tenancy,
             tokenizer=PromptTokenizer(catalog or default_catalog(), config.model_tokenizers()),
             chat_renderers=chat_renderers,
+            movable=movable,
+        )
+        # the migration controller over the live fleet (fleet file's `migration:`), started with the gateway
+        self.migration = (
+            None
+            if movable is None
+            else LiveMigration(
+                config.migration,
+                self.registry,
+                self.session,
+                catalog or default_catalog(),
+                self.metrics,
+                movable,
+                timeout_s=max(config.gateway.connect_timeout_s, config.migration.interval_s),
+            )
         )
         # starts, drains and stops engines for the admin API; set by whoever can launch them (`serve`)
         self.actuator: FleetActuator | None = None
@@ -189,6 +206,8 @@ class Gateway:
             timeout_s=min(settings.connect_timeout_s, max(settings.scrape_interval_s, 0.5)),
         )
         self._tasks = [asyncio.create_task(self._health.run()), asyncio.create_task(scraper.run())]
+        if self.migration is not None:
+            self._tasks.append(asyncio.create_task(self.migration.run()))
         await self.tenancy.start()
         for engine_id, endpoints in self._kv_endpoints.items():
             await self._follow(engine_id, endpoints)

@@ -73,8 +73,17 @@ class GatewayMetrics:
         self.stream_resumes = Counter(
             "fleetserve_stream_resumes",
             "Streams continued on another engine after theirs failed mid-stream, by why it failed"
-            " (stream: the connection broke; stall: nothing for stream_stall_timeout_s; migration: moved).",
+            " (stream: the connection broke; stall: nothing for stream_stall_timeout_s; migration: a move"
+            " whose destination refused it).",
             ["reason"],
+            registry=self.registry,
+        )
+        self.migrations = Counter(
+            "fleetserve_migrations",
+            "Running requests the migration controller moved between engines, by why (load, drain) and"
+            " how it ended (moved; abandoned: it finished or left first; failed: the destination refused"
+            " and the stream resumed elsewhere).",
+            ["reason", "outcome"],
             registry=self.registry,
         )
         self.in_flight = Gauge(

@@ -35,6 +35,7 @@ from fleetserve.gateway.admission import (
 from fleetserve.gateway.asgi import Receive, Scope, Send, header_map, send_bytes, send_error
 from fleetserve.gateway.dispatch import Dispatcher, ModelIndex
 from fleetserve.gateway.metrics import GatewayMetrics
+from fleetserve.gateway.migration import MovableStreams, PendingMove
 from fleetserve.gateway.tenancy import Admitted, Tenancy
 from fleetserve.gateway.tokens import PromptTokenizer
 from fleetserve.pipeline import Answer, RequestSession
@@ -63,6 +64,7 @@ JSON_EVENT = b"data: {"
 COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 REPORT_RESUMES_HEADER = b"x-fleetserve-report-resumes"
 EMPTY_TRANSCRIPT = Transcript(None, None, None, "", 0, False, None, False)
+MIGRATING = (200, "migration", "")  # _pump: the engine handed the stream over to another
 
 
 @dataclass(slots=True)
@@ -125,6 +127,7 @@ class _ClientStream:
     pending: bytes = b""  # the start of an event not yet whole
     events_seen: int = 0
     usage_tokens: int | None = None
+    move: PendingMove | None = None  # set by the migration loop: go on on another engine
 
 
 class Proxy:
@@ -141,11 +144,15 @@ class Proxy:
         tenancy: Tenancy,
         tokenizer: PromptTokenizer | None = None,
         chat_renderers: Mapping[str, ChatRenderer] | None = None,
+        movable: MovableStreams | None = None,
     ) -> None:
         """`tokenizer` gives policies the prompt's token ids (for prefix hashing) when the model is
         known; `tenancy` says which tenant a request is and checks its quotas; `chat_renderers` (model
-        -> its chat template) let a chat stream resume on a llama.cpp engine."""
+        -> its chat template) let a chat stream resume on a llama.cpp engine; `movable` (with
+        migration on) lists the streams the migration loop may move, and engines then learn each
+        request's id (x-request-id) to name it in their loads."""
         self._chat_renderers = chat_renderers or {}
+        self._movable = movable
         self._config = config
         self._tokenizer = tokenizer
         self._dispatcher = dispatcher
@@ -242,15 +249,18 @@ class Proxy:
             arrival=arrival,
             policy=policy,
         )
+        upstream_headers = UPSTREAM_HEADERS
+        if self._movable is not None:
+            upstream_headers = {**UPSTREAM_HEADERS, "x-request-id": session.info.request_id}
         exchange = Exchange(
-            parsed, endpoint, body, scope["path"], session, UPSTREAM_HEADERS, arrival, send, admitted
+            parsed, endpoint, body, scope["path"], session, upstream_headers, arrival, send, admitted
         )
         if parsed.stream:
             exchange.unresumable = unresumable_reason(parsed.payload, endpoint)
             exchange.report_resumes = _flag(headers.get(REPORT_RESUMES_HEADER))
         if b"authorization" in headers and not keyed:
             exchange.headers_with_auth = {
-                **UPSTREAM_HEADERS,
+                **upstream_headers,
                 "authorization": headers[b"authorization"].decode("latin-1"),
             }
         await self._until_disconnect(exchange, receive)
@@ -443,20 +453,33 @@ class Proxy:
         )
         if exchange.report_resumes:
             stream.splice = self._splice(exchange, EMPTY_TRANSCRIPT, as_completion=False, resumes=0)
+        request_id = exchange.session.info.request_id
+        movable = self._movable if stream.recording is not None else None
         first_response = response
-        while True:
-            failure = await self._pump(exchange, engine, response, chunk, stream)
-            if response is not first_response:
-                response.close()  # a continuation's; the first is closed by the attempt that opened it
-            if failure is None:
-                tail = stream.pending
-                break
-            status, kind, message = failure
-            resumed = await self._resume(exchange, engine, kind, stream)
-            if resumed is None:
-                tail = sse_error(status, message, _error_type(status)) + DONE
-                break
-            engine, response, chunk = resumed
+        try:
+            while True:
+                if movable is not None:
+                    movable.add(request_id, engine.engine_id, stream)
+                failure = await self._pump(exchange, engine, response, chunk, stream)
+                if response is not first_response:
+                    response.close()  # a continuation's; the first is closed by the attempt that opened it
+                if failure is None:
+                    tail = stream.pending
+                    break
+                status, kind, message = failure
+                if failure is MIGRATING:
+                    resumed = await self._migrate(exchange, engine, stream)
+                else:
+                    resumed = await self._resume(exchange, engine, kind, stream)
+                if resumed is None:
+                    tail = sse_error(status, message, _error_type(status)) + DONE
+                    break
+                engine, response, chunk = resumed
+        finally:
+            if movable is not None:
+                movable.remove(request_id)
+                if stream.move is not None:
+                    stream.move.end("abandoned")
         exchange.completing = True
         await send({"type": "http.response.body", "body": tail, "more_body": False})
         self._metrics.e2e.labels(model).observe(self._clock() - exchange.arrival)
@@ -495,7 +518,8 @@ class Proxy:
                         timer.reschedule(min(deadline, now + stall))
                     chunk = await response.content.readany()
             engine.health.request_succeeded(self._clock())
-            return None
+            # the engine ended the stream without [DONE] because the migration loop exported it
+            return MIGRATING if stream.move is not None and not exchange.completing else None
         except (aiohttp.ClientError, TimeoutError) as exc:
             stream.pending = b""  # half an event from a failed engine never reaches the client
             stalled = isinstance(exc, TimeoutError) and loop.time() < deadline
@@ -542,13 +566,14 @@ class Proxy:
         session = exchange.session
         session.attempt_ended(self._clock())
         exchange.tried.append(failed.engine_id)
+        if stream.move is not None:  # a failure before the move began: the move is off
+            stream.move.end("abandoned")
+            stream.move = None
         if stream.recording is None:
             if exchange.unresumable is not None and config.max_resumes:
                 log.info("stream %s not resumed: %s", session.info.request_id, exchange.unresumable)
             return None
-        so_far = read_transcript(stream.recording.events())
-        if stream.splice is not None:
-            so_far = replace(so_far, tokens=stream.splice.completion_tokens)
+        so_far = self._so_far(stream)
         if so_far.tool_calls:
             log.info("stream %s not resumed: a tool call was being streamed", session.info.request_id)
             return None
@@ -576,15 +601,85 @@ class Proxy:
         )
         return None
 
-    async def _open_continuation(
-        self, exchange: Exchange, so_far: Transcript, stream: _ClientStream
+    async def _migrate(
+        self, exchange: Exchange, source: EngineState, stream: _ClientStream
     ) -> tuple[EngineState, aiohttp.ClientResponse, bytes] | None:
+        """Carry the stream its engine just exported to the move's destination: the last stage's
+        downtime, then the continuation there with the request's state; if the destination refuses,
+        resume it wherever the router says, as after a failure."""
+        pending = stream.move
+        assert pending is not None
+        session = exchange.session
+        try:
+            exported = await pending.exported
+            stream.move = None
+            session.attempt_ended(self._clock())
+            if exported is None:  # cannot happen: an engine ends a stream early only once it exported
+                pending.end("abandoned")
+                return await self._resume(exchange, source, "migration", stream)
+            if pending.downtime_s > 0:
+                await asyncio.sleep(pending.downtime_s)  # the last stage of the KV copy
+            so_far = self._so_far(stream)
+            opened = await self._open_continuation(
+                exchange,
+                so_far,
+                stream,
+                engine=pending.destination,
+                extra_headers=pending.import_header(exported),
+            )
+            if opened is None:
+                pending.end("failed")
+                log.warning(
+                    "stream %s: %s refused the move from %s; resuming elsewhere",
+                    session.info.request_id,
+                    pending.destination.engine_id,
+                    source.engine_id,
+                )
+                self._metrics.stream_resumes.labels("migration").inc()
+                return await self._open_continuation(exchange, so_far, stream)
+            pending.end("moved")
+            move = pending.move
+            log.info(
+                "stream %s moved from %s to %s (%s, %s), %d tokens in",
+                session.info.request_id,
+                source.engine_id,
+                pending.destination.engine_id,
+                move.reason,
+                "KV copied" if pending.kv else "recomputed",
+                so_far.tokens,
+            )
+            return opened
+        finally:
+            pending.end("abandoned")
+
+    def _so_far(self, stream: _ClientStream) -> Transcript:
+        """What the client has of the answer, from the recorded events."""
+        assert stream.recording is not None
+        so_far = read_transcript(stream.recording.events())
+        if stream.splice is not None:
+            so_far = replace(so_far, tokens=stream.splice.completion_tokens)
+        return so_far
+
+    async def _open_continuation(
+        self,
+        exchange: Exchange,
+        so_far: Transcript,
+        stream: _ClientStream,
+        *,
+        engine: EngineState | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> tuple[EngineState, aiohttp.ClientResponse, bytes] | None:
+        """The continuation opened on `engine` (default: where the router sends it, not an engine
+        already tried), with `extra_headers`; None when it does not start."""
         session = exchange.session
         now = self._clock()
-        try:
-            engine, _ = self._dispatcher.choose(session, exchange.tried, now)
-        except APIError:
-            return None
+        if engine is None:
+            try:
+                engine, _ = self._dispatcher.choose(session, exchange.tried, now)
+            except APIError:
+                return None
+        else:
+            session.engine = engine.view
         # a model served by llama.cpp continues a chat through its own template (see chat_templates)
         renderer = self._chat_renderers.get(engine.model)
         plan = continuation(
@@ -597,11 +692,14 @@ class Proxy:
         session.dispatched(now)
         exchange.engine_id = engine.engine_id
         remaining = self._config.total_timeout_s - (now - exchange.arrival)
+        headers = exchange.headers_for(engine)
+        if extra_headers:
+            headers = {**headers, **extra_headers}
         response: aiohttp.ClientResponse | None = None
         try:
             async with asyncio.timeout(min(self._config.first_token_timeout_s, remaining)):
                 response = await self._session().post(
-                    engine.url + plan.path, data=orjson.dumps(plan.body), headers=exchange.headers_for(engine)
+                    engine.url + plan.path, data=orjson.dumps(plan.body), headers=headers
                 )
                 first = await response.content.readany() if response.status == 200 else b""
         except (aiohttp.ClientError, TimeoutError) as exc:

@@ -19,9 +19,9 @@ fleet build the snapshots from what they know.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 from fleetserve.errors import InputError
 from fleetserve.model.cost import CostModel
@@ -78,6 +78,55 @@ class EngineLoad:
             else 0
         )
         return prefill + tokens * self.decode_step_s(width - self.batch) / width
+
+    def to_wire(self) -> dict[str, object]:
+        """What an engine's `GET /fleetserve/load` answers: everything but what the gateway knows
+        itself (the engine's id, model and cost model)."""
+        return {
+            "block_size": self.block_size,
+            "free_blocks": self.free_blocks,
+            "total_blocks": self.total_blocks,
+            "waiting_prompt_tokens": self.waiting_prompt_tokens,
+            "waiting_blocks": self.waiting_blocks,
+            "waiting_output_tokens": self.waiting_output_tokens,
+            "max_num_seqs": self.max_num_seqs,
+            "decoding": [[r.request_id, r.context_tokens, r.tokens_left] for r in self.decoding],
+        }
+
+    @classmethod
+    def from_wire(
+        cls,
+        engine_id: str,
+        model: str,
+        cost: CostModel,
+        wire: Mapping[str, Any],
+        *,
+        draining: bool = False,
+        movable: Callable[[str], bool] = lambda request_id: True,
+    ) -> EngineLoad:
+        """The inverse of `to_wire`; `movable(request_id)` says which decoding requests may be moved.
+        Raises InputError on a malformed answer."""
+        try:
+            decoding = tuple(
+                DecodingRequest(str(rid), int(context), int(left), movable(str(rid)))
+                for rid, context, left in wire["decoding"]
+            )
+            return cls(
+                engine_id,
+                model,
+                cost,
+                int(wire["block_size"]),
+                int(wire["free_blocks"]),
+                int(wire["total_blocks"]),
+                int(wire["waiting_prompt_tokens"]),
+                int(wire["waiting_blocks"]),
+                int(wire["waiting_output_tokens"]),
+                decoding,
+                draining,
+                int(wire["max_num_seqs"]),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise InputError(f"engine {engine_id} sent a malformed load: {error!r}") from None
 
     def freeness(self) -> float:
         """Llumnix: free blocks, less what the queue needs, per running request."""
@@ -195,7 +244,7 @@ class MigrationController:
             if before <= threshold:
                 return None
         candidates = sorted(
-            (r for r in source.decoding if r.request_id not in self._moving),
+            (r for r in source.decoding if r.movable and r.request_id not in self._moving),
             key=lambda request: request.context_tokens,
         )
         for request in candidates:

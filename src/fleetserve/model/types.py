@@ -42,6 +42,7 @@ class DecodingRequest:
     request_id: str
     context_tokens: int
     tokens_left: int
+    movable: bool = True  # live: the gateway can carry its stream to another engine
 
 
 @dataclass(frozen=True, slots=True)

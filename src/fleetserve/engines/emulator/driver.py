@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Protocol, TypeVar
 
 from fleetserve.errors import FleetserveError, InputError
-from fleetserve.model.types import EngineRequest, StepResult, TokenOutput
+from fleetserve.model.types import EngineRequest, ExportedRequest, StepResult, TokenOutput
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,10 @@ class SteppableEngine(Protocol):
     def next_event_time(self) -> float | None: ...
 
     def advance(self, until: float) -> StepResult: ...
+
+    def export_request(
+        self, request_id: str, now: float, result: StepResult | None = None
+    ) -> ExportedRequest | None: ...
 
 
 class EngineFailed(FleetserveError, RuntimeError):
@@ -110,6 +114,22 @@ class EngineDriver:
             return
         self.apply(lambda now: self.engine.abort_request(request_id, now))
 
+    def export(self, request_id: str) -> ExportedRequest | None:
+        """Take a decoding request off the engine to go on elsewhere (migration): its sink first gets
+        every token the engine made for it, then nothing more. None when it is not decoding here."""
+        if self.failure is not None or request_id not in self._sinks:
+            return None
+
+        def take(now: float) -> ExportedRequest | None:
+            unreported = StepResult()
+            exported = self.engine.export_request(request_id, now, unreported)
+            self._hand_out(unreported)
+            if exported is not None:
+                self._sinks.pop(request_id, None)
+            return exported
+
+        return self.apply(take)
+
     def apply(self, action: Callable[[float], T]) -> T:
         """Run `action(now)` on an up-to-date model, then let the heartbeat see what changed."""
         now = self.now()
@@ -155,6 +175,9 @@ class EngineDriver:
             return
         if self._on_step is not None and (result.outputs or result.kv_events):
             self._on_step(result)
+        self._hand_out(result)
+
+    def _hand_out(self, result: StepResult) -> None:
         sinks = self._sinks
         for output in result.outputs:
             sink = sinks.pop(output.request_id, None) if output.finished else sinks.get(output.request_id)

@@ -5,7 +5,8 @@ it with `await engine.start()` inside the event loop that serves `.app`, and sto
 `await engine.stop()`.
 
 The rooms of the emulator: this wiring; `routes.py` (the OpenAI endpoints and the one error handler);
-`compat.py` (what vLLM and SGLang serve besides the OpenAI API); `generation.py` (an answer's length,
+`compat.py` (what vLLM and SGLang serve besides the OpenAI API); `migration.py` (a request's state out
+to another engine and in from one); `generation.py` (an answer's length,
 text and stream); `driver.py` (the engine model on the wall clock); `text.py` and `structured.py`
 (what the answer says); `metrics.py` and `kv_events.py` (what the engine reports).
 """
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 
 from fleetserve.config import EngineArgs
 from fleetserve.engines.emulator.driver import EngineDriver
+from fleetserve.engines.emulator.generation import Generation
 from fleetserve.engines.emulator.kv_events import EventFormat, KVEventPublisher
 from fleetserve.engines.emulator.metrics import CacheConfig, EmulatorMetrics, EngineState
 from fleetserve.engines.emulator.routes import build_app
@@ -92,6 +94,7 @@ class EmulatedEngine:
             state=self._engine_state,
         )
         self.adapters: dict[str, str] = {}  # name -> path, in load order
+        self.generations: dict[str, Generation] = {}  # requests in the engine, by engine request id
         self.publisher: KVEventPublisher | None = None
         self.created = int(time.time())
         self.app = build_app(self)

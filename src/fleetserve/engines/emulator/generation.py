@@ -27,7 +27,7 @@ from fleetserve.engines.emulator.text import (
     words_until_stop,
 )
 from fleetserve.model.engine import RequestRejected
-from fleetserve.model.types import EngineRequest, TokenOutput
+from fleetserve.model.types import EngineRequest, ExportedRequest, TokenOutput
 from fleetserve.protocol import openai
 from fleetserve.protocol.errors import APIError
 from fleetserve.protocol.sse import DONE, sse_error, sse_event
@@ -79,12 +79,55 @@ def _fixed(
     return PlannedOutput(len(pieces), finish_reason), FixedText(pieces)
 
 
+@dataclass(frozen=True, slots=True)
+class Imported:
+    """A request migrating in (the `x-fleetserve-import` header of its continuation): how many tokens it
+    has left and how it ends, as the engine it left had planned, and whether its KV came with it."""
+
+    output_left: int
+    finish_reason: str
+    kv: bool
+
+    @classmethod
+    def from_header(cls, value: str) -> Imported:
+        try:
+            fields = orjson.loads(value)
+            imported = cls(int(fields["output_left"]), str(fields["finish_reason"]), bool(fields["kv"]))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise APIError(
+                400,
+                'x-fleetserve-import must be {"output_left": N, "finish_reason": "...", "kv": true|false}',
+                param="x-fleetserve-import",
+            ) from None
+        if imported.output_left < 1:
+            raise APIError(
+                400, "x-fleetserve-import: output_left must be at least 1", param="x-fleetserve-import"
+            )
+        return imported
+
+
+def _continued(
+    engine: EmulatedEngine, imported: Imported, seed: int, limit: int
+) -> tuple[PlannedOutput, PseudoText]:
+    """A migrated request ends where the engine it left had planned, unless its limit is nearer."""
+    if imported.output_left > limit:
+        return PlannedOutput(limit, "length"), PseudoText(seed, engine.vocabulary.words)
+    return PlannedOutput(imported.output_left, imported.finish_reason), PseudoText(
+        seed, engine.vocabulary.words
+    )
+
+
 def generate(
     engine: EmulatedEngine,
     body: openai.CompletionRequest | openai.ChatCompletionRequest,
     token_ids: list[int],
     kind: Literal["completion", "chat"],
+    *,
+    request_id: str | None = None,
+    imported: Imported | None = None,
 ) -> Response:
+    """`request_id` (vLLM's X-Request-Id) names the request in the engine, so that a router can find it
+    in `/fleetserve/load` and export it; `imported` continues a request another engine exported."""
     adapter = engine.resolve_adapter(body.model)
     prompt_len = len(token_ids)
     if prompt_len >= engine.max_model_len:
@@ -96,18 +139,30 @@ def generate(
         raise openai.output_too_long(engine.max_model_len, prompt_len, limit)
     seed = request_seed(token_ids, body.seed)
     tool = body.forced_tool() if isinstance(body, openai.ChatCompletionRequest) else None
-    plan, text = _answer(engine, body, tool, seed, limit)
-    request_id = uuid.uuid4().hex
+    if imported is None:
+        plan, text = _answer(engine, body, tool, seed, limit)
+    else:
+        plan, text = _continued(engine, imported, seed, limit)
+    # moved KV: only the last token is computed again, and the blocks are its own (no prefix match)
+    kv = imported is not None and imported.kv
     engine_request = EngineRequest(
-        request_id, token_ids, plan.num_tokens, 0.0, adapter=adapter, priority=body.priority
+        request_id or uuid.uuid4().hex,
+        token_ids,
+        plan.num_tokens,
+        0.0,
+        adapter=adapter,
+        priority=body.priority,
+        unique_prompt=kv,
+        imported_tokens=prompt_len - 1 if kv else 0,
     )
-    generation = Generation(engine, request_id, prompt_len, plan, text)
+    generation = Generation(engine, engine_request.request_id, prompt_len, plan, text)
     try:
         engine.driver.submit(engine_request, generation.sink)
     except RequestRejected as error:
         raise APIError(400, str(error)) from None
     except EngineFailed as error:
         raise APIError(500, str(error)) from None
+    engine.generations[engine_request.request_id] = generation
     generation.arrival = engine_request.arrival_time
     stream = _Stream(
         kind=kind,
@@ -149,6 +204,7 @@ class Generation:
         self.num_tokens = 0
         self.finished = False
         self._cancelled = False
+        self.exported = False  # it migrated to another engine
         self._last_token_time = 0.0
         self._queue: asyncio.Queue[object] = asyncio.Queue()
 
@@ -163,9 +219,24 @@ class Generation:
         if self.finished or self._cancelled:
             return
         self._cancelled = True
+        self._owner.generations.pop(self.request_id, None)
         self._owner.driver.abort(self.request_id)
         self._owner.metrics.request_finished("abort")
         self._queue.put_nowait(_CANCELLED)
+
+    def export(self) -> ExportedRequest | None:
+        """Take the request off the engine to go on elsewhere: its stream sends every token made so far
+        and ends without [DONE]. None (and nothing changes) when it is not decoding."""
+        if self.finished or self._cancelled:
+            return None
+        exported = self._owner.driver.export(self.request_id)
+        if exported is not None:
+            self._cancelled = True
+            self.exported = True
+            self._owner.generations.pop(self.request_id, None)
+            self._owner.metrics.request_finished("abort")  # as the source of a Llumnix migration counts it
+            self._queue.put_nowait(_CANCELLED)
+        return exported
 
     async def next_tokens(self) -> TokenOutput | None:
         """The next output, or None once cancelled. Raises APIError if the engine model failed."""
@@ -196,6 +267,7 @@ class Generation:
         self._last_token_time = output.last_token_time
         if output.finished:
             self.finished = True
+            self._owner.generations.pop(self.request_id, None)
             metrics.e2e_request_latency.observe(wall(output.last_token_time - self.arrival))
             # vLLM's metrics know "stop" and "length"; a tool call ends like any answer the model stopped
             finish = self.plan.finish_reason
@@ -252,6 +324,10 @@ class _Stream:
             while True:
                 output = await generation.next_tokens()
                 if output is None:
+                    if generation.exported and pending:  # what it made here goes out before it moves
+                        yield self._chunks(
+                            generation.text.take(pending), None, emitted == 0, emitted + pending
+                        )
                     return
                 pending += output.num_tokens
                 sizes = []

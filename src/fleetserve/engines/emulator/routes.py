@@ -16,6 +16,7 @@ from fleetserve.engines.emulator.compat import compat_routes
 from fleetserve.engines.emulator.generation import checked_token_ids, generate
 from fleetserve.engines.emulator.http import json_response, render_chat
 from fleetserve.engines.emulator.metrics import CONTENT_TYPE
+from fleetserve.engines.emulator.migration import migration_headers, migration_routes
 from fleetserve.protocol import openai
 from fleetserve.protocol.errors import APIError, error_body
 
@@ -55,11 +56,12 @@ def build_app(engine: EmulatedEngine) -> Starlette:
             token_ids = engine.tokenizer.encode(prompt)
         else:
             token_ids = checked_token_ids(engine, prompt)  # type: ignore[arg-type]
-        return generate(engine, completion, token_ids, "completion")
+        return generate(engine, completion, token_ids, "completion", **migration_headers(request))
 
     async def chat_completions(request: Request) -> Response:
         chat = openai.parse_chat_request(await request.body())
-        return generate(engine, chat, engine.tokenizer.encode(render_chat(chat)), "chat")
+        token_ids = engine.tokenizer.encode(render_chat(chat))
+        return generate(engine, chat, token_ids, "chat", **migration_headers(request))
 
     return Starlette(
         routes=[
@@ -70,6 +72,7 @@ def build_app(engine: EmulatedEngine) -> Starlette:
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             *compat_routes(engine),
+            *migration_routes(engine),
         ],
         exception_handlers={
             APIError: _api_error,
