@@ -29,6 +29,7 @@ from pydantic import (
 from fleetserve.errors import InputError
 
 if TYPE_CHECKING:
+    from fleetserve.migration import MigrationController
     from fleetserve.model.catalog import Catalog
     from fleetserve.pipeline import Stage
     from fleetserve.tenants import TenantDirectory
@@ -463,6 +464,27 @@ class MigrationConfig(_Strict):
     min_freeness_gap: float = Field(
         16.0, ge=0, description="freeness: engines whose freeness differs less are left alone."
     )
+    make_room: bool = Field(
+        True,
+        description="Move requests out of the way of a more urgent one (engine priority, lower first)"
+        " that an engine would admit next but cannot fit.",
+    )
+
+    def controller(self) -> MigrationController | None:
+        """The controller these settings describe (None for policy none): the gateway and the
+        simulator build theirs here, so both run the same one."""
+        from fleetserve.migration import MigrationController
+
+        if self.policy == "none":
+            return None
+        return MigrationController(
+            self.policy,
+            kv=self.kv,
+            max_moves=self.max_moves,
+            min_gap_s=self.min_gap_s,
+            min_freeness_gap=self.min_freeness_gap,
+            make_room=self.make_room,
+        )
 
 
 class EmulatorConfig(_Strict):

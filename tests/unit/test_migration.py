@@ -3,12 +3,14 @@ rules, and migration in the simulator."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import orjson
 import pytest
 
 from fleetserve.config import FleetConfig
 from fleetserve.errors import InputError
-from fleetserve.migration import EngineLoad, MigrationController, engine_load
+from fleetserve.migration import MIGRATION_POLICIES, EngineLoad, MigrationController, WaitingHead, engine_load
 from fleetserve.model.catalog import default_catalog
 from fleetserve.model.cost import CostModel
 from fleetserve.model.engine import EngineModel
@@ -141,6 +143,30 @@ def test_a_draining_engine_moves_its_requests_out_whatever_its_load() -> None:
     moves = controller.decide([load("h100-0", "h100-80g", 3, draining=True), load("l4-0", "l4", 5)])
     assert {m.reason for m in moves} == {"drain"} and len(moves) == 3
     assert {m.destination for m in moves} == {"l4-0"}
+
+
+def test_requests_in_an_urgent_requests_way_move_least_urgent_first() -> None:
+    running = tuple(
+        DecodingRequest(f"r{i}", context, 300, priority=priority)
+        for i, (context, priority) in enumerate(((1500, 5), (1600, 0), (1600, 9), (1600, 5)))
+    )
+
+    def engine(free_blocks: int, head: WaitingHead) -> EngineLoad:
+        return replace(load("l4-0", "l4", 0, free_blocks=free_blocks, waiting_head=head), decoding=running)
+
+    # the next request to admit (priority 0) needs 250 blocks; 60 are free; a move frees 94 or 100
+    busy = engine(60, WaitingHead(0, 250))
+    for policy in MIGRATION_POLICIES:
+        moves = MigrationController(policy, max_moves=10).decide([busy, load("h100-0", "h100-80g", 0)])
+        room = [move for move in moves if move.reason == "priority"]
+        # least urgent first (9, then the shorter of the two 5s), and only as many as the head needs
+        assert [move.request_id for move in room] == ["r2", "r0"], policy
+        assert all(move.destination == "h100-0" for move in moves)
+        assert "r1" not in {move.request_id for move in moves if move.reason == "priority"}
+    # a head that fits, or is no more urgent than what runs, moves nothing for priority
+    for quiet in (engine(300, WaitingHead(0, 250)), engine(60, WaitingHead(9, 250))):
+        moves = MigrationController("drain_time", max_moves=10).decide([quiet, load("h100-0", "h100-80g", 0)])
+        assert not [move for move in moves if move.reason == "priority"]
 
 
 def test_freeness_is_llumnix_free_blocks_per_request() -> None:

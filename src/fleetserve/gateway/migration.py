@@ -30,7 +30,7 @@ from fleetserve.config import MigrationConfig
 from fleetserve.fleet.registry import EngineRegistry
 from fleetserve.fleet.state import EngineState
 from fleetserve.gateway.metrics import GatewayMetrics
-from fleetserve.migration import EngineLoad, MigrationController, Move
+from fleetserve.migration import EngineLoad, Move
 from fleetserve.model.capacity import engine_cost
 from fleetserve.model.catalog import Catalog
 from fleetserve.model.cost import CostModel
@@ -104,14 +104,9 @@ class LiveMigration:
         *,
         timeout_s: float,
     ) -> None:
-        assert settings.policy != "none"
-        self.controller = MigrationController(
-            settings.policy,
-            kv=settings.kv,
-            max_moves=settings.max_moves,
-            min_gap_s=settings.min_gap_s,
-            min_freeness_gap=settings.min_freeness_gap,
-        )
+        controller = settings.controller()
+        assert controller is not None, "migration policy none runs no loop"
+        self.controller = controller
         self._settings = settings
         self._registry = registry
         self._session = session

@@ -5,7 +5,8 @@ from fleetserve.migration.controller import (
     EngineLoad,
     MigrationController,
     Move,
+    WaitingHead,
     engine_load,
 )
 
-__all__ = ["MIGRATION_POLICIES", "EngineLoad", "MigrationController", "Move", "engine_load"]
+__all__ = ["MIGRATION_POLICIES", "EngineLoad", "MigrationController", "Move", "WaitingHead", "engine_load"]

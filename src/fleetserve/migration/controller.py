@@ -9,6 +9,11 @@ predicted time to finish everything the engine holds, on its GPU, and moves a re
 cost model says it finishes sooner elsewhere, KV copy (or recompute) and the destination's queue
 included. `freeness` is Llumnix's own metric and rule, kept as the baseline.
 
+Both, and Llumnix's priority rule: an engine whose next request to admit is more urgent than requests it
+runs, and does not fit in its free blocks, moves those out of its way (least urgent first, then the
+shortest context) to the engines with room, instead of letting the urgent request wait (reason
+`priority`).
+
 Both: engines of one model only; pairs (most loaded, least loaded), (second, second-least), ...; a move
 only if the gap between the two shrinks without flipping; decoding requests with the shortest context
 first (the cheapest to copy); an engine being drained is a source whatever its load, so scale-in moves
@@ -35,6 +40,14 @@ MIGRATION_POLICIES: tuple[str, ...] = ("drain_time", "freeness")
 
 
 @dataclass(frozen=True, slots=True)
+class WaitingHead:
+    """The request an engine admits next: its priority (lower is more urgent) and the blocks it needs."""
+
+    priority: int
+    blocks: int
+
+
+@dataclass(frozen=True, slots=True)
 class EngineLoad:
     """One engine as the controller sees it."""
 
@@ -50,6 +63,7 @@ class EngineLoad:
     decoding: tuple[DecodingRequest, ...]
     draining: bool = False
     max_num_seqs: int = 256
+    waiting_head: WaitingHead | None = None
 
     @property
     def batch(self) -> int:
@@ -90,7 +104,10 @@ class EngineLoad:
             "waiting_blocks": self.waiting_blocks,
             "waiting_output_tokens": self.waiting_output_tokens,
             "max_num_seqs": self.max_num_seqs,
-            "decoding": [[r.request_id, r.context_tokens, r.tokens_left] for r in self.decoding],
+            "decoding": [[r.request_id, r.context_tokens, r.tokens_left, r.priority] for r in self.decoding],
+            "waiting_head": None
+            if self.waiting_head is None
+            else [self.waiting_head.priority, self.waiting_head.blocks],
         }
 
     @classmethod
@@ -108,9 +125,11 @@ class EngineLoad:
         Raises InputError on a malformed answer."""
         try:
             decoding = tuple(
-                DecodingRequest(str(rid), int(context), int(left), movable(str(rid)))
-                for rid, context, left in wire["decoding"]
+                DecodingRequest(str(rid), int(context), int(left), movable(str(rid)), int(priority))
+                for rid, context, left, priority in wire["decoding"]
             )
+            head = wire["waiting_head"]
+            waiting_head = None if head is None else WaitingHead(int(head[0]), int(head[1]))
             return cls(
                 engine_id,
                 model,
@@ -124,6 +143,7 @@ class EngineLoad:
                 decoding,
                 draining,
                 int(wire["max_num_seqs"]),
+                waiting_head,
             )
         except (KeyError, TypeError, ValueError) as error:
             raise InputError(f"engine {engine_id} sent a malformed load: {error!r}") from None
@@ -147,6 +167,7 @@ def engine_load(engine_id: str, model: str, engine: EngineModel, *, draining: bo
     engine's)."""
     scheduler, kv = engine.scheduler, engine.kv
     waiting = list(scheduler.waiting)
+    head = scheduler.waiting.peek() if waiting else None
     return EngineLoad(
         engine_id,
         model,
@@ -161,6 +182,7 @@ def engine_load(engine_id: str, model: str, engine: EngineModel, *, draining: bo
         tuple(engine.decoding()),
         draining,
         engine.config.max_num_seqs,
+        None if head is None else WaitingHead(head.priority, cdiv(head.num_tokens, kv.block_size)),
     )
 
 
@@ -169,7 +191,7 @@ class Move:
     request_id: str
     source: str
     destination: str
-    reason: str  # "load" or "drain"
+    reason: str  # "load", "drain" or "priority"
     copy: StagedCopy | None  # None: by recompute
     context_tokens: int
 
@@ -184,6 +206,7 @@ class MigrationController:
     max_moves: int = 4  # per decision, over the whole fleet
     min_gap_s: float = 0.5  # drain_time: engines closer than this are balanced enough
     min_freeness_gap: float = 16.0  # freeness: blocks per request
+    make_room: bool = True  # the priority rule
     _moving: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -199,7 +222,12 @@ class MigrationController:
         moves: list[Move] = []
         for engines in by_model.values():
             if len(engines) > 1:
-                moves += self._balance(engines, self.max_moves - len(moves))
+                made_room: list[Move] = []
+                if self.make_room:
+                    made_room, engines = self._make_room(engines, self.max_moves - len(moves))
+                moves += made_room
+                taken = {move.request_id for move in made_room}
+                moves += self._balance(engines, self.max_moves - len(moves), taken)
         return moves
 
     def started(self, move: Move) -> None:
@@ -209,7 +237,58 @@ class MigrationController:
         """A move finished or was abandoned: the request may be considered again."""
         self._moving.discard(request_id)
 
-    def _balance(self, engines: list[EngineLoad], budget: int) -> list[Move]:
+    def _make_room(self, engines: list[EngineLoad], budget: int) -> tuple[list[Move], list[EngineLoad]]:
+        """The priority rule (module docstring); returns its moves and the loads as they leave them."""
+        moves: list[Move] = []
+        current = {engine.engine_id: engine for engine in engines}
+        for engine_id, source in list(current.items()):
+            head = source.waiting_head
+            if head is None or source.draining:
+                continue
+            short = head.blocks - source.free_blocks
+            in_the_way = sorted(
+                (
+                    r
+                    for r in source.decoding
+                    if r.movable and r.priority > head.priority and r.request_id not in self._moving
+                ),
+                key=lambda request: (-request.priority, request.context_tokens),
+            )
+            for request in in_the_way:
+                if budget <= 0 or short <= 0:
+                    break
+                room = [
+                    other
+                    for other in current.values()
+                    if other.engine_id != engine_id
+                    and not other.draining
+                    and cdiv(request.context_tokens, other.block_size)
+                    <= other.free_blocks - other.waiting_blocks
+                ]
+                if not room:
+                    break
+                destination = min(room, key=self._load)
+                copy = self._copy(source, destination, request)
+                if copy is not None and copy.aborted:
+                    continue
+                moves.append(
+                    Move(
+                        request.request_id,
+                        engine_id,
+                        destination.engine_id,
+                        "priority",
+                        copy,
+                        request.context_tokens,
+                    )
+                )
+                source = current[engine_id] = source.without(request)
+                current[destination.engine_id] = destination.with_request(request)
+                short -= cdiv(request.context_tokens, source.block_size)
+                budget -= 1
+        return moves, [current[engine.engine_id] for engine in engines]
+
+    def _balance(self, engines: list[EngineLoad], budget: int, taken: set[str]) -> list[Move]:
+        """Llumnix's pairing; `taken`: requests already moving in this decision."""
         moves: list[Move] = []
         key = self._load
         ranked = sorted(engines, key=key, reverse=True)
@@ -223,7 +302,7 @@ class MigrationController:
             if destination.engine_id == source.engine_id:
                 continue
             while budget > 0:
-                move = self._one_move(source, destination)
+                move = self._one_move(source, destination, taken)
                 if move is None:
                     break
                 request = next(r for r in source.decoding if r.request_id == move.request_id)
@@ -235,7 +314,7 @@ class MigrationController:
     def _load(self, engine: EngineLoad) -> float:
         return engine.drain_s() if self.policy == "drain_time" else -engine.freeness()
 
-    def _one_move(self, source: EngineLoad, destination: EngineLoad) -> Move | None:
+    def _one_move(self, source: EngineLoad, destination: EngineLoad, taken: set[str]) -> Move | None:
         before = self._load(source) - self._load(destination)
         if self.policy == "drain_time" and not source.draining and not source.waiting_blocks:
             return None  # nothing waits there: moving its decodes would start no request sooner
@@ -244,7 +323,11 @@ class MigrationController:
             if before <= threshold:
                 return None
         candidates = sorted(
-            (r for r in source.decoding if r.movable and r.request_id not in self._moving),
+            (
+                r
+                for r in source.decoding
+                if r.movable and r.request_id not in self._moving and r.request_id not in taken
+            ),
             key=lambda request: request.context_tokens,
         )
         for request in candidates:

@@ -141,7 +141,11 @@ class EngineModel:
         out = []
         for seq in decode.members.values():
             done = decode.output(seq)
-            out.append(DecodingRequest(seq.request_id, seq.prompt_len + done, seq.output_len - done))
+            out.append(
+                DecodingRequest(
+                    seq.request_id, seq.prompt_len + done, seq.output_len - done, priority=seq.priority
+                )
+            )
         return out
 
     def export_request(

@@ -43,6 +43,7 @@ class DecodingRequest:
     context_tokens: int
     tokens_left: int
     movable: bool = True  # live: the gateway can carry its stream to another engine
+    priority: int = 0  # the engine's convention (vLLM's): lower is more urgent
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ from operator import attrgetter
 
 from fleetserve.config import FleetConfig
 from fleetserve.control import EngineEvent, FleetStep
-from fleetserve.migration import MigrationController, Move, engine_load
+from fleetserve.migration import Move, engine_load
 from fleetserve.model.catalog import Catalog, UnknownEntry
 from fleetserve.model.engine import RequestRejected
 from fleetserve.model.types import EngineRequest, ExportedRequest, StepResult
@@ -143,17 +143,7 @@ class Simulator:
         self._late = 0  # finished requests that missed the SLO
         self.stopped_early = False
         settings = config.migration
-        self.migration = (
-            None
-            if settings.policy == "none"
-            else MigrationController(
-                settings.policy,
-                kv=settings.kv,
-                max_moves=settings.max_moves,
-                min_gap_s=settings.min_gap_s,
-                min_freeness_gap=settings.min_freeness_gap,
-            )
-        )
+        self.migration = settings.controller()
         self._migration_interval = settings.interval_s
         self._next_migration = -math.inf
         self.migrations = MigrationLog()
