@@ -1,7 +1,9 @@
 """Live migration: `fleetserve serve` runs the migration controller over real emulated engine processes
 and carries moved requests' streams from one engine to another while the official openai client reads
-them. The load: a burst that round-robin routing splits evenly over an L4 and an H100, so the L4 queues
-while the H100 has room, which is what the drain_time controller moves requests for."""
+them, with the KV copied (the destination computes only the last token again) or recomputed (it
+prefills the context, as a real engine without a migration connector would). The load: a burst that
+round-robin routing splits evenly over an L4 and an H100, so the L4 queues while the H100 has room,
+which is what the drain_time controller moves requests for."""
 
 from __future__ import annotations
 
@@ -48,8 +50,9 @@ def stream_one(api: openai.OpenAI, index: int) -> list[openai.types.Completion]:
     return chunks
 
 
-def test_requests_move_under_load_and_every_client_stream_stays_whole(procs: Processes) -> None:
-    gateway = fleet(procs, {"policy": "drain_time", "interval_s": 0.25})
+@pytest.mark.parametrize("kv", [True, False], ids=["kv-copied", "recomputed"])
+def test_requests_move_under_load_and_every_client_stream_stays_whole(procs: Processes, kv: bool) -> None:
+    gateway = fleet(procs, {"policy": "drain_time", "interval_s": 0.25, "kv": kv})
     api = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
     with concurrent.futures.ThreadPoolExecutor(REQUESTS) as pool:
         answers = list(pool.map(lambda index: stream_one(api, index), range(REQUESTS)))
