@@ -29,6 +29,7 @@ from pydantic import (
 from fleetserve.errors import InputError
 
 if TYPE_CHECKING:
+    from fleetserve.autoscale import GroupScaler
     from fleetserve.migration import MigrationController
     from fleetserve.model.catalog import Catalog
     from fleetserve.pipeline import Stage
@@ -84,6 +85,79 @@ def kv_event_ports(http_port: int) -> tuple[int, int]:
     return http_port + KV_EVENTS_PORT_OFFSET, http_port + KV_REPLAY_PORT_OFFSET
 
 
+AUTOSCALE_METRIC_TARGETS = {  # each metric's default target, per ready replica
+    "in_flight": 16.0,
+    "waiting": 2.0,
+    "kv_usage": 0.7,
+    "predicted_ttft_ms": 500.0,
+}
+
+
+class AutoscaleConfig(_Strict):
+    """An engine group sized by an autoscaler (fleetserve.autoscale); AIBrix's semantics and defaults."""
+
+    policy: Literal["kpa", "apa"] = Field(
+        "kpa", description="kpa (Knative/AIBrix, with a panic mode) or apa (AIBrix's proportional one)."
+    )
+    min_replicas: int = Field(1, ge=1, description="Fewest replicas (scale to zero is not built yet).")
+    max_replicas: int = Field(8, ge=1, description="Most replicas.")
+    metric: Literal["in_flight", "waiting", "kv_usage", "predicted_ttft_ms"] = Field(
+        "in_flight",
+        description="What is averaged over the ready replicas: requests in flight per unit of relative"
+        " capacity, waiting requests, KV-cache usage (0-1), or the engine model's predicted TTFT of a"
+        " 1024-token prompt (ms).",
+    )
+    target: float | None = Field(
+        None,
+        gt=0,
+        description="The metric's value per replica to aim at; unset: in_flight 16, waiting 2, kv_usage 0.7,"
+        " predicted_ttft_ms 500.",
+    )
+    interval_s: float = Field(10.0, gt=0, description="How often the metric is sampled and a decision taken.")
+    stable_window_s: float = Field(180.0, gt=0, description="The window whose mean sizes the group.")
+    panic_window_s: float = Field(60.0, gt=0, description="kpa: the short window that detects a burst.")
+    panic_threshold: float = Field(
+        2.0, gt=1, description="kpa: panic when the panic window's mean exceeds this x the stable one's."
+    )
+    tolerance: float = Field(0.1, ge=0, lt=1, description="No change while within target x (1 +- this).")
+    max_scale_up_rate: float = Field(2.0, gt=1, description="At most this x the ready replicas per step.")
+    max_scale_down_rate: float = Field(
+        2.0, gt=1, description="At least 1/this of the ready replicas per step."
+    )
+    scale_down_cooldown_s: float = Field(300.0, ge=0, description="No scale-down this long after a scale-up.")
+    ready_timeout_s: float = Field(
+        600.0, gt=0, description="A replica still starting after this is stopped and replaced."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AutoscaleConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        if self.policy == "kpa" and self.panic_window_s > self.stable_window_s:
+            raise ValueError("panic_window_s must not exceed stable_window_s")
+        return self
+
+    @property
+    def metric_target(self) -> float:
+        return AUTOSCALE_METRIC_TARGETS[self.metric] if self.target is None else self.target
+
+    def scaler(self, group: str) -> GroupScaler:
+        """The group's scaler: the same object for the gateway and the simulator."""
+        from fleetserve.autoscale import GroupScaler, build_autoscaler
+
+        params: dict[str, Any] = {
+            "tolerance": self.tolerance,
+            "max_scale_up_rate": self.max_scale_up_rate,
+            "max_scale_down_rate": self.max_scale_down_rate,
+            "scale_down_cooldown_s": self.scale_down_cooldown_s,
+            "stable_window_s": self.stable_window_s,
+        }
+        if self.policy == "kpa":
+            params |= {"panic_window_s": self.panic_window_s, "panic_threshold": self.panic_threshold}
+        autoscaler = build_autoscaler(self.policy, self.metric_target, **params)
+        return GroupScaler(group, autoscaler, self.min_replicas, self.max_replicas, self.ready_timeout_s)
+
+
 class EngineGroup(_Strict):
     """One line of `engines:`: `replicas` identical engines."""
 
@@ -120,6 +194,11 @@ class EngineGroup(_Strict):
         " started that way; an external engine must be.",
     )
     engine_args: EngineArgs = Field(default_factory=EngineArgs, description="Engine-side knobs.")
+    autoscale: AutoscaleConfig | None = Field(
+        None,
+        description="Size this group with an autoscaler; `replicas` is then the starting count, within"
+        " min_replicas..max_replicas. Unset: a fixed group.",
+    )
     cold_start_s: float | None = Field(
         None,
         ge=0,
@@ -180,6 +259,15 @@ class EngineGroup(_Strict):
             raise ValueError(f"an {self.kind} engine is one url: use one line per engine")
         if kind.needs_gpu and not self.gpu:
             raise ValueError(f"a {self.kind} engine needs a gpu")
+        scale = self.autoscale
+        if scale is not None:
+            if not kind.launched:
+                raise ValueError(f"an {self.kind} engine cannot be autoscaled: fleetserve does not start it")
+            if not scale.min_replicas <= self.replicas <= scale.max_replicas:
+                raise ValueError(
+                    f"replicas ({self.replicas}) must be within autoscale.min_replicas ({scale.min_replicas})"
+                    f" and autoscale.max_replicas ({scale.max_replicas})"
+                )
         return self
 
 

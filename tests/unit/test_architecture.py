@@ -21,7 +21,9 @@ from fleetserve.errors import FleetserveError
 
 PACKAGE_DIR = Path(fleetserve.__file__).parent
 # the rooms both clocks run: decisions, the engine model, the request path, the fleet-shape interface
-PURE_CORE = ("model", "routing", "pipeline", "tenants", "migration", "control", "errors", "named")
+PURE_CORE = (
+    "model", "routing", "pipeline", "tenants", "migration", "autoscale", "control", "errors", "named",
+)  # fmt: skip
 # the rooms with I/O or a clock of their own, and the configuration (the core takes plain values)
 NOT_FOR_THE_CORE = ("gateway", "sim", "fleet", "engines", "cli", "bench", "config")
 # I/O, concurrency and the wall clock: time reaches the core as `now`, from whichever clock runs it

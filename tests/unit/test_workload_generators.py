@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fleetserve.errors import InputError
 from fleetserve.workload.generators import (
     EmpiricalLengths,
     FixedLengths,
@@ -186,3 +187,18 @@ def test_invalid_specs_are_refused(changes: dict) -> None:
     )
     with pytest.raises(ValueError):
         generate(WorkloadSpec(**{**base, **changes}))
+
+
+def test_a_diurnal_trace_swings_between_trough_and_peak_around_the_same_mean() -> None:
+    spec = WorkloadSpec(rate=20.0, duration_s=7200.0, diurnal=6.0, period_s=3600.0, seed=3)
+    times = np.array([request.timestamp_ms for request in generate(spec)]) / 1000.0
+    assert len(times) / 7200.0 == pytest.approx(20.0, rel=0.03)
+    per_window, _ = np.histogram(times % 3600.0, bins=36, range=(0.0, 3600.0))  # 100 s windows
+    trough, peak = per_window[[0, -1]].mean(), per_window[17:19].mean()
+    assert peak / trough == pytest.approx(6.0, rel=0.15)
+    flat = generate(WorkloadSpec(rate=20.0, duration_s=600.0, seed=3))
+    assert [r.timestamp_ms for r in flat] == [
+        r.timestamp_ms for r in generate(WorkloadSpec(rate=20.0, duration_s=600.0, diurnal=1.0, seed=3))
+    ]
+    with pytest.raises(InputError, match="diurnal"):
+        generate(WorkloadSpec(rate=1.0, duration_s=10.0, diurnal=0.5))

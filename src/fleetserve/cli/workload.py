@@ -153,6 +153,22 @@ def _parse_models(values: tuple[str, ...]) -> list[tuple[str, float]]:
     type=click.FloatRange(min=0, min_open=True),
     help="Gamma shape K: 1 is Poisson, below 1 burstier, above 1 smoother.",
 )
+@click.option(
+    "--diurnal",
+    type=click.FloatRange(min=1),
+    default=1.0,
+    show_default=True,
+    help="Peak-to-trough ratio of a daily rhythm: the rate swings from a trough at 0 to a peak this many"
+    " times higher half a --period later, around the same mean --rate (1: flat). With --burstiness the"
+    " arrivals are bursty too.",
+)
+@click.option(
+    "--period",
+    type=click.FloatRange(min=0, min_open=True),
+    default=86400.0,
+    show_default=True,
+    help="Seconds of one --diurnal cycle (3600: a day compressed into an hour).",
+)
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), help="Generate this many seconds.")
 @click.option(
     "--num", type=click.IntRange(min=0), help="Generate this many requests (instead of --duration)."
@@ -274,6 +290,8 @@ def gen(
     arrival: str | None,
     rate: float,
     burstiness: float | None,
+    diurnal: float,
+    period: float,
     duration: float | None,
     num: int | None,
     input_spec: str,
@@ -307,6 +325,8 @@ def gen(
           --adapters 50 --adapter-zipf 1.2 -o agents.jsonl
       fleetserve workload gen --rate 30 --duration 300 --tenant-share 10 --tenant-share 1 \
           --tenant-share 1 -o flood.jsonl
+      fleetserve workload gen --rate 10 --duration 3600 --diurnal 6 --period 3600 \
+          --burstiness 0.5 -o day.jsonl
     """
     if (duration is None) == (num is None):
         raise click.UsageError("give exactly one of --duration and --num")
@@ -319,6 +339,8 @@ def gen(
             duration_s=duration,
             arrival=arrival,
             burstiness=1.0 if burstiness is None else burstiness,
+            diurnal=diurnal,
+            period_s=period,
             input_lengths=parse_length_spec(input_spec, side="input"),
             output_lengths=parse_length_spec(output_spec, side="output"),
             max_input_length=max_input,

@@ -157,6 +157,9 @@ def build_result(
         "preemptions": sum(engine.model.metrics.num_preemptions for engine in fleet.engines),
         "rate_windows": RATE_WINDOWS,
         "cost_usd": cost,
+        # every engine for the time it was part of the fleet (replicas that came and went included)
+        "engine_seconds": sum(alive.values()),
+        "gpu_hours": sum(alive[engine.index] * engine.group.tp for engine in fleet.engines) / 3600.0,
         "cost_per_million_tokens_usd": cost / processed_tokens * 1e6 if processed_tokens else None,
         "wall_s": wall_s,
         "sim_requests_per_s": total / wall_s if wall_s > 0 else None,

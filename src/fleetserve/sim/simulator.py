@@ -35,6 +35,7 @@ from fleetserve.model.types import EngineRequest, ExportedRequest, StepResult
 from fleetserve.pipeline import Answer, Hold, Refuse, Refused, RequestPath, RequestSession
 from fleetserve.routing import Policy, make_policy
 from fleetserve.sim.actuator import SimActuator
+from fleetserve.sim.autoscaling import SimAutoscaling
 from fleetserve.sim.errors import SimInputError
 from fleetserve.sim.events import VirtualClock, WakeupQueue
 from fleetserve.sim.fleet import SimEngine, SimFleet, build_fleet
@@ -145,6 +146,7 @@ class Simulator:
         settings = config.migration
         self.migration = settings.controller()
         self._migration_interval = settings.interval_s
+        self.autoscaling: SimAutoscaling | None = None  # set up by run(), from the groups' autoscale:
         self._next_migration = -math.inf
         self.migrations = MigrationLog()
 
@@ -191,6 +193,11 @@ class Simulator:
         self.clock = VirtualClock(start)
         for step in self.options.fleet_script:
             self.at(start + step.at_s, self._scripted(step))
+        self.autoscaling = SimAutoscaling.of(
+            self.config.engines, self.fleet, self.actuator, start, self._catch_up
+        )
+        if self.autoscaling is not None:
+            self.at(start, self._autoscale)
         # ticks are when the fleet is synced; they also drive the load samples
         tick = self._sync_interval or self._sample_interval
         next_tick = start
@@ -251,7 +258,14 @@ class Simulator:
             result.summary["stopped_early"] = True
         if self.migration is not None:
             result.summary.update(self.migrations.summary(self.config.migration.policy))
+        if self.autoscaling is not None:
+            result.summary.update(self.autoscaling.summary())
         return result
+
+    def _autoscale(self, now: float) -> None:
+        assert self.autoscaling is not None
+        self.autoscaling.run(now)
+        self.at(self.autoscaling.due(), self._autoscale)
 
     def _scripted(self, step: FleetStep) -> Callable[[float], None]:
         actuator = self.actuator
@@ -273,8 +287,7 @@ class Simulator:
         loads = []
         for engine in self.fleet.engines:
             if engine.state in (EngineEvent.READY, EngineEvent.DRAINING):
-                if self._wakeups.pending(engine.index) <= now:
-                    self._advance(engine, now)
+                self._catch_up(engine, now)
                 draining = engine.state is EngineEvent.DRAINING
                 loads.append(
                     engine_load(engine.engine_id, engine.group.model, engine.model, draining=draining)
@@ -296,8 +309,7 @@ class Simulator:
         if live is None or live.engine is not source or destination.state is not EngineEvent.READY:
             self.migration.ended(move.request_id)
             return
-        if self._wakeups.pending(source.index) <= now:
-            self._advance(source, now)
+        self._catch_up(source, now)
         exported = None
         if destination.model.can_hold(move.context_tokens):
             result = self._step
@@ -327,8 +339,7 @@ class Simulator:
         destination = live.engine
         if destination.state is not EngineEvent.READY or live.session.info.request_id not in self._live:
             return  # the destination stopped meanwhile: engine_stopped failed the request
-        if self._wakeups.pending(destination.index) <= now:
-            self._advance(destination, now)
+        self._catch_up(destination, now)
         destination.model.import_request(exported, now, with_kv=move.copy is not None)
         self._wakeups.schedule(destination.index, destination.model.next_event_time())
         self._stale.add(destination.index)
@@ -381,6 +392,11 @@ class Simulator:
         self._stale.clear()
         if adapters_changed:
             self.fleet.view.forget_candidates()
+
+    def _catch_up(self, engine: SimEngine, now: float) -> None:
+        """Bring the engine model up to `now` if an iteration of it has ended by then."""
+        if self._wakeups.pending(engine.index) <= now:
+            self._advance(engine, now)
 
     def _advance(self, engine: SimEngine, until: float) -> None:
         model = engine.model

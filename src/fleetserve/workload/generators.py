@@ -131,6 +131,20 @@ def arrival_gaps(rng: np.random.Generator, count: int, rate: float, burstiness: 
     return rng.gamma(burstiness, 1.0 / (rate * burstiness), size=count)
 
 
+def diurnal_times(times: np.ndarray, peak_to_trough: float, period_s: float) -> np.ndarray:
+    """Arrival times of a constant-rate process (negative ones, before the trace, unchanged) moved so
+    that the rate follows mean x (1 - a cos(2 pi t / period)), a = (P - 1) / (P + 1): a trough at 0 and
+    every period, a peak P times higher half a period later, the same mean (time rescaling: t is the
+    inverse of the cumulative rate t - a period / (2 pi) sin(2 pi t / period) at the given time)."""
+    if peak_to_trough == 1 or not times.size or times.max() <= 0:
+        return times
+    swing = (peak_to_trough - 1) / (peak_to_trough + 1)
+    end = float(times.max()) + period_s
+    clock = np.linspace(0.0, end, max(2, int(4096 * end / period_s)))
+    cumulative = clock - swing * period_s / (2 * math.pi) * np.sin(2 * math.pi * clock / period_s)
+    return np.where(times > 0, np.interp(times, cumulative, clock), times)
+
+
 def zipf_weights(count: int, exponent: float) -> np.ndarray:
     """Popularity of items 0..count-1: P(i) ~ (i+1)^-exponent (0 is uniform)."""
     weights = np.arange(1, count + 1, dtype=np.float64) ** -exponent
@@ -146,6 +160,10 @@ class WorkloadSpec:
     duration_s: float | None = None
     arrival: str = "poisson"
     burstiness: float = 1.0
+    # a day's rhythm: the arrival rate swings between a trough at 0 (and every period) and a peak
+    # `diurnal` times higher half a period later, around the same mean `rate`; 1 is flat
+    diurnal: float = 1.0
+    period_s: float = 86400.0
     input_lengths: LengthDistribution = ZipfLengths(1024)
     output_lengths: LengthDistribution = ZipfLengths(256)
     max_input_length: int = 131072
@@ -179,6 +197,8 @@ class WorkloadSpec:
             raise InputError("burstiness applies to gamma arrivals; poisson is burstiness 1")
         if self.rate <= 0 or self.burstiness <= 0:
             raise InputError("rate and burstiness must be > 0")
+        if self.diurnal < 1 or self.period_s <= 0:
+            raise InputError("diurnal (peak-to-trough ratio) must be >= 1 and period_s > 0")
         if self.turns < 1 or self.think_time_s < 0:
             raise InputError("turns must be >= 1 and think_time_s >= 0")
         if self.tenants < 0 or self.adapters < 0 or self.system_prompt_tokens < 0:
@@ -254,7 +274,10 @@ def _build_window(spec: WorkloadSpec, horizon_s: float) -> list[TraceRequest]:
     # Conversations start before time 0 too, so the trace opens in steady state (sessions already under
     # way, full request rate) rather than ramping up while the first conversations reach later turns.
     warmup_s = WARMUP_SPANS * spec.think_time_s * (spec.turns - 1)
-    starts = (_session_starts(spec, streams.arrivals, warmup_s + horizon_s) - warmup_s).tolist()
+    starts = diurnal_times(
+        _session_starts(spec, streams.arrivals, warmup_s + horizon_s) - warmup_s, spec.diurnal, spec.period_s
+    )
+    starts = starts[starts < horizon_s].tolist()
     sessions = len(starts)
     if spec.turns > 1:
         turn_counts = streams.turns.geometric(1.0 / spec.turns, size=sessions).tolist()
