@@ -103,9 +103,9 @@ class AutoscaleConfig(_Strict):
     max_replicas: int = Field(8, ge=1, description="Most replicas.")
     metric: Literal["in_flight", "waiting", "kv_usage", "predicted_ttft_ms"] = Field(
         "in_flight",
-        description="What is averaged over the ready replicas: requests in flight per unit of relative"
-        " capacity, waiting requests, KV-cache usage (0-1), or the engine model's predicted TTFT of a"
-        " 1024-token prompt (ms).",
+        description="What each ready replica reports, summed over the group (the target is per replica, as"
+        " in AIBrix): requests in flight per unit of relative capacity, waiting requests, KV-cache usage"
+        " (0-1), or the engine model's predicted TTFT of a 1024-token prompt (ms).",
     )
     target: float | None = Field(
         None,

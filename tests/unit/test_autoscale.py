@@ -41,22 +41,23 @@ def test_the_window_means_what_it_holds_and_forgets_the_old() -> None:
 
 
 def test_kpa_sizes_the_group_by_the_stable_mean_over_the_target() -> None:
-    # 3 ready replicas at 25 per replica, target 10: ceil(3 x 25 / 10) = 8, within the 2x step (6)
-    decision = KPA(10.0).desired(group(3), steady(25.0), 180.0)
-    assert (decision.replicas, decision.reason) == (6, "scale")  # ceil(7.5) = 8, limited to 2 x 3
-    assert KPA(10.0).desired(group(4), steady(15.0), 180.0).replicas == 6  # ceil(4 x 1.5)
+    # the window holds the group's total: 3 replicas at 25 each, target 10 a replica: ceil(75 / 10) = 8,
+    # limited to twice the 3 ready
+    decision = KPA(10.0).desired(group(3), steady(75.0), 180.0)
+    assert (decision.replicas, decision.reason) == (6, "scale")
+    assert KPA(10.0).desired(group(4), steady(60.0), 180.0).replicas == 6
 
 
 def test_kpa_leaves_the_group_alone_within_the_tolerance() -> None:
-    for value in (9.1, 10.0, 10.9):
-        decision = KPA(10.0).desired(group(5), steady(value), 180.0)
+    for total in (45.5, 50.0, 54.5):  # 5 replicas at 9.1 to 10.9 each
+        decision = KPA(10.0).desired(group(5), steady(total), 180.0)
         assert (decision.replicas, decision.reason) == (5, "tolerance")
-    assert KPA(10.0).desired(group(5), steady(11.5), 180.0).replicas == 6
+    assert KPA(10.0).desired(group(5), steady(57.5), 180.0).replicas == 6
 
 
 def test_steps_are_limited_to_twice_up_and_half_down() -> None:
     assert KPA(10.0).desired(group(4), steady(1000.0), 180.0).replicas == 8
-    assert KPA(10.0).desired(group(8), steady(0.5), 180.0).replicas == 4
+    assert KPA(10.0).desired(group(8), steady(4.0), 180.0).replicas == 4
     assert KPA(10.0).desired(group(0, ready=0), steady(50.0), 180.0).replicas == 1  # from nothing ready: 1
     # starting replicas are kept: one that never becomes ready does not shrink the group
     assert APA(10.0).desired(group(6, ready=1), steady(100.0), 180.0).replicas == 6
@@ -64,30 +65,30 @@ def test_steps_are_limited_to_twice_up_and_half_down() -> None:
 
 def test_no_scale_down_within_the_cooldown_after_a_scale_up() -> None:
     kpa = KPA(10.0, scale_down_cooldown_s=300.0)
-    assert kpa.desired(group(2), steady(40.0, until=100), 100.0).replicas == 4
-    quiet = steady(1.0, until=390)
+    assert kpa.desired(group(2), steady(80.0, until=100), 100.0).replicas == 4
+    quiet = steady(4.0, until=390)
     assert kpa.desired(group(4), quiet, 390.0).reason == "cooldown"
     assert kpa.desired(group(4), quiet, 400.0).replicas == 2  # 300 s after the scale-up
 
 
 def test_kpa_panics_on_a_burst_and_holds_its_high_water_mark() -> None:
     kpa = KPA(10.0, stable_window_s=180.0, panic_window_s=60.0, scale_down_cooldown_s=0.0)
-    calm = [(float(t), 10.0) for t in range(0, 130, 10)]
-    burst = [(float(t), 60.0) for t in range(130, 190, 10)]  # panic mean 60 > 2 x stable mean
+    calm = [(float(t), 20.0) for t in range(0, 130, 10)]  # 2 replicas at the target
+    burst = [(float(t), 120.0) for t in range(130, 190, 10)]  # panic mean 120 > 2 x stable mean 53
     decision = kpa.desired(group(2), window(*calm, *burst), 180.0)
     assert (decision.replicas, decision.reason) == (4, "panic")
     # the burst is over, but within a stable window of the last panic the group does not shrink
-    after = window(*calm, *burst, *((float(t), 1.0) for t in range(190, 300, 10)))
+    after = window(*calm, *burst, *((float(t), 4.0) for t in range(190, 300, 10)))
     held = kpa.desired(group(4), after, 290.0)
     assert held.replicas == 4 and held.reason == "panic"
     # a whole stable window without panic: back to the stable arithmetic
-    later = steady(1.0, until=600)
+    later = steady(4.0, until=600)
     assert kpa.desired(group(4), later, 600.0).replicas == 2
 
 
 def test_apa_scales_the_current_replicas_by_observed_over_target() -> None:
-    assert APA(10.0).desired(group(5), steady(13.0), 180.0).replicas == 7  # ceil(5 x 1.3)
-    assert APA(10.0).desired(group(5), steady(10.5), 180.0).reason == "tolerance"
+    assert APA(10.0).desired(group(5), steady(65.0), 180.0).replicas == 7  # ceil(5 x 13 / 10)
+    assert APA(10.0).desired(group(5), steady(52.5), 180.0).reason == "tolerance"
     assert APA(10.0).desired(group(5), window(), 180.0).reason == "no_metric"
 
 
@@ -120,7 +121,7 @@ def test_every_decision_keeps_the_bounds_and_the_step_limits(
 def test_the_group_scaler_replaces_never_ready_replicas_and_sheds_the_idlest() -> None:
     scaler = GroupScaler("g", APA(10.0, scale_down_cooldown_s=0.0), 1, 10, ready_timeout_s=100.0)
     for when in range(0, 181, 10):
-        scaler.observe(float(when), 10.0)  # on target: keep the replicas
+        scaler.observe(float(when), 20.0)  # the 2 ready replicas on target: keep them
     replicas = [
         Replica("g-0", "ready", 0.0, in_flight=5),
         Replica("g-1", "ready", 0.0, in_flight=5),
@@ -129,7 +130,7 @@ def test_the_group_scaler_replaces_never_ready_replicas_and_sheds_the_idlest() -
     actions = scaler.step(replicas, 180.0)
     assert actions.never_ready == ("g-2",) and actions.start == 0 and actions.decision.replicas == 2
     for when in range(190, 400, 10):
-        scaler.observe(float(when), 5.0)  # half the target: half the replicas
+        scaler.observe(float(when), 15.0)  # the 3 ready at half the target: half the replicas
     replicas = [
         Replica("g-0", "ready", 0.0, in_flight=4),
         Replica("g-1", "ready", 0.0, in_flight=1),

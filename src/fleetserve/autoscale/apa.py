@@ -1,6 +1,7 @@
 """AIBrix's APA (`pkg/controller/podautoscaler/algorithm/apa.go`, after Huo et al. 2023): desired =
-ceil(replicas x observed / target) from the stable window's mean, outside target x (1 +- tolerance), with
-the same step limits and scale-down cooldown as KPA and no panic mode."""
+ceil(replicas x observed / target), observed being the metric per ready replica (the group's total over
+the stable window, over the replicas ready now), outside target x (1 +- tolerance), with the same step
+limits and scale-down cooldown as KPA and no panic mode."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ class APA(Autoscaler):
     name = "apa"
 
     def desired(self, group: GroupStatus, window: MetricWindow, now: float) -> Decision:
-        observed = window.mean(now, self.stable_window_s)
-        if observed is None:
+        total = window.mean(now, self.stable_window_s)
+        if total is None:
             return Decision(group.replicas, "no_metric")
+        observed = total / max(group.ready, 1)
         if self._within_tolerance(observed):
             return Decision(group.replicas, "tolerance", observed)
         wanted = math.ceil(max(group.replicas, 1) * observed / self.target)

@@ -27,12 +27,13 @@ class GroupStatus:
 class Decision:
     replicas: int
     reason: str  # why: "scale" (the metric asks for it), "panic", "tolerance", "cooldown", "no_metric", ...
-    observed: float | None = None  # the metric value the decision read (per ready replica)
+    observed: float | None = None  # the metric value the decision read
 
 
 @dataclass
 class Autoscaler(ABC):
-    """`target`: the metric's value per replica the policy aims at."""
+    """`target`: the metric's value per replica the policy aims at; the window holds the group's total
+    (the metric summed over its ready replicas)."""
 
     target: float
     tolerance: float = 0.1

@@ -1,6 +1,7 @@
 """AIBrix's KPA (Knative's pod autoscaler, `pkg/controller/podautoscaler/algorithm/kpa.go`): desired =
-ceil(ready x observed / target) from the stable window's mean (180 s), no change while the observed value
-is within target x (1 +- tolerance); panic when the panic window's mean (60 s) is more than
+ceil(observed / target), observed being the group's total (the metric summed over its ready replicas)
+averaged over the stable window (180 s), no change while observed / replicas is within target x
+(1 +- tolerance); panic when the panic window's mean (60 s) is more than
 `panic_threshold` (2.0) x the stable window's (or the stable mean is 0 and the panic mean is not): then
 the panic window's figure sizes the group and it never shrinks until a whole stable window has passed
 without panic (the high-water mark)."""
@@ -32,17 +33,16 @@ class KPA(Autoscaler):
         panic = window.mean(now, self.panic_window_s)
         if stable is None or panic is None:
             return Decision(group.replicas, "no_metric")
-        ready = max(group.ready, 1)
         if (stable <= 0 < panic) or (stable > 0 and panic / stable > self.panic_threshold):
             self._panic_since = now
         elif self._panic_since is not None and now - self._panic_since >= self.stable_window_s:
             self._panic_since = None
             self._high_water = 0
         if self._panic_since is not None:
-            wanted = max(math.ceil(ready * panic / self.target), self._high_water, group.replicas)
+            wanted = max(math.ceil(panic / self.target), self._high_water, group.replicas)
             decision = self._limited(group, wanted, "panic", panic, now)
             self._high_water = max(self._high_water, decision.replicas)
             return decision
-        if self._within_tolerance(stable):
+        if group.replicas and self._within_tolerance(stable / group.replicas):
             return Decision(group.replicas, "tolerance", stable)
-        return self._limited(group, math.ceil(ready * stable / self.target), "scale", stable, now)
+        return self._limited(group, math.ceil(stable / self.target), "scale", stable, now)

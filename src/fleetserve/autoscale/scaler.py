@@ -53,7 +53,7 @@ class GroupScaler:
         self.window = MetricWindow(self.autoscaler.horizon_s)
 
     def observe(self, now: float, value: float) -> None:
-        """The group's metric now, per ready replica."""
+        """The group's metric now: summed over its ready replicas."""
         self.window.add(now, value)
 
     def step(self, replicas: list[Replica], now: float) -> ScaleActions:

@@ -69,6 +69,14 @@ def serve(
     if policy is not None and policy not in POLICIES:
         valid = ", ".join(sorted(POLICIES))
         raise click.ClickException(f"unknown policy {policy!r}; valid policies: {valid}")
+    for group in config.engines:
+        if group.autoscale is not None:
+            logging.getLogger(__name__).warning(
+                "engines group %s: autoscale runs in the simulator only so far; serve keeps its %d"
+                " replicas (the admin API can start and drain engines)",
+                group.name,
+                group.replicas,
+            )
     gateway_port = config.gateway.port if port is None else port
     if gateway_port and busy_ports(config.gateway.host, [gateway_port]):
         raise click.ClickException(

@@ -106,7 +106,7 @@ class SimAutoscaling:
             values = [engine.model.metrics.kv_usage for engine in ready]
         else:
             values = [engine.model.predict_ttft(TYPICAL_PROMPT_TOKENS, 0, now) * 1000.0 for engine in ready]
-        return sum(values) / len(values)
+        return sum(values)
 
     def _act(self, group: str, actions: ScaleActions, now: float) -> None:
         for engine_id in (*actions.never_ready, *actions.stop):
