@@ -131,3 +131,22 @@ def test_bad_input_is_one_clean_error(fleet_file: Path) -> None:
     assert done.returncode == 1
     assert "unknown routing policy" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_an_autoscaled_group_follows_a_diurnal_day(tmp_path: Path) -> None:
+    """`workload gen --diurnal` and `sim` with an `autoscale:` block, through the console scripts."""
+    trace, fleet, out = tmp_path / "day.jsonl", tmp_path / "fleet.yaml", tmp_path / "out.json"
+    generate = [str(FLEETSERVE), "workload", "gen", "--rate", "3", "--duration", "1200", "--diurnal", "6"]
+    generate += ["--period", "1200", "--input", "fixed:512", "--output", "fixed:128", "-o", str(trace)]
+    subprocess.run(generate, check=True, capture_output=True)
+    fleet.write_text(
+        "engines:\n  - {name: l4, gpu: l4, model: llama-3-8b,"
+        " autoscale: {policy: kpa, max_replicas: 8, target: 4}}\n"
+    )
+    sim = [str(FLEETSERVE), "sim", "-c", str(fleet), "--trace", str(trace), "--json", str(out), "-q"]
+    subprocess.run(sim, check=True, capture_output=True)
+    summary = json.loads(out.read_text())
+    assert summary["failed"] == 0 and summary["autoscale"] == {"l4": {"policy": "kpa", "metric": "in_flight"}}
+    sizes = [event["to"] for event in summary["scale_events"]]
+    # up towards the peak at 600 s, down again after it
+    assert max(sizes) >= 3 and sizes[-1] < max(sizes) and summary["cold_starts"] >= max(sizes) - 1
