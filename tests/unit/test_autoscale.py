@@ -187,3 +187,20 @@ def test_in_the_twin_a_burst_adds_engines_and_the_quiet_after_it_removes_them() 
     assert peak >= 3 and any(event["to"] < peak for event in events if event["t_s"] > 240)
     assert summary["cold_starts"] == sum(max(0, e["to"] - e["from"]) for e in events)
     assert summary["gpu_hours"] < peak * summary["duration_s"] / 3600.0  # not the peak all along
+
+
+def test_in_the_twin_a_replica_that_never_becomes_ready_is_replaced_and_does_not_block_scaling() -> None:
+    lengths = {"input_lengths": FixedLengths(512), "output_lengths": FixedLengths(128)}
+    trace = generate(WorkloadSpec(6.0, duration_s=400.0, seed=2, **lengths))
+    group = {
+        "name": "l4",
+        "gpu": "l4",
+        "model": "llama-3-8b",
+        "cold_start_s": 10_000,  # every engine started during the run would take hours to come up
+        "autoscale": {"policy": "kpa", "max_replicas": 4, "target": 4, "ready_timeout_s": 60},
+    }
+    summary = simulate(FleetConfig.model_validate({"engines": [group]}), trace).summary
+    assert summary["never_ready"] >= 2  # given up after 60 s, again and again
+    assert summary["cold_starts"] > summary["never_ready"]  # each was replaced at once
+    assert summary["completed"] == len(trace)  # the one ready replica served everything, late
+    assert all(event["to"] <= 4 for event in summary["scale_events"])
