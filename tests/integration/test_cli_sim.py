@@ -146,7 +146,9 @@ def test_an_autoscaled_group_follows_a_diurnal_day(tmp_path: Path) -> None:
     sim = [str(FLEETSERVE), "sim", "-c", str(fleet), "--trace", str(trace), "--json", str(out), "-q"]
     subprocess.run(sim, check=True, capture_output=True)
     summary = json.loads(out.read_text())
-    assert summary["failed"] == 0 and summary["autoscale"] == {"l4": {"policy": "kpa", "metric": "in_flight"}}
+    assert summary["failed"] == 0 and summary["autoscale"] == {
+        "l4": {"policy": "kpa", "metric": "in_flight", "replicas_at_start": 1}
+    }
     sizes = [event["to"] for event in summary["scale_events"]]
     # up towards the peak at 600 s, down again after it
     assert max(sizes) >= 3 and sizes[-1] < max(sizes) and summary["cold_starts"] >= max(sizes) - 1

@@ -22,6 +22,19 @@ def test_single_run_report_has_cdfs_and_load(tmp_path: Path):
     assert page.count("data:image/png;base64,") == 2
 
 
+def test_an_autoscaled_run_draws_replicas_over_time_with_the_arrival_rate(tmp_path: Path):
+    fleet = (
+        "engines:\n  - {name: a100, gpu: a100-80g, model: llama-3-8b,"
+        " autoscale: {policy: kpa, max_replicas: 4, target: 2, interval_s: 1}}\n"
+    )
+    summary = simulate(parse_fleet(fleet), _trace(), "least_request").summary
+    assert len(summary["arrival_rate_over_time"]["rps"]) == 60
+    path = tmp_path / "report.html"
+    render_report([summary], path)
+    page = path.read_text()
+    assert "Replicas over time" in page and page.count("data:image/png;base64,") == 3
+
+
 def test_sweep_report_plots_attainment_against_rate(tmp_path: Path):
     cells = plan_cells([("a100s", parse_fleet(FLEET))], ["least_request", "round_robin"], [5.0, 20.0])
     results = run_sweep(cells, _trace())

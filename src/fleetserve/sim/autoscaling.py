@@ -26,6 +26,7 @@ STATES: dict[EngineEvent, ReplicaState] = {
 @dataclass
 class _Group:
     metric: str
+    replicas: int  # at the start
     interval_s: float
     scaler: GroupScaler
     next_round: float
@@ -55,7 +56,9 @@ class SimAutoscaling:
     ) -> SimAutoscaling | None:
         """None when no group autoscales."""
         scaled = {
-            group.name: _Group(scale.metric, scale.interval_s, scale.scaler(group.name), start)
+            group.name: _Group(
+                scale.metric, group.replicas, scale.interval_s, scale.scaler(group.name), start
+            )
             for group in groups
             if (scale := group.autoscale) is not None
         }
@@ -87,7 +90,11 @@ class SimAutoscaling:
     def summary(self) -> dict[str, Any]:
         return {
             "autoscale": {
-                name: {"policy": group.scaler.autoscaler.name, "metric": group.metric}
+                name: {
+                    "policy": group.scaler.autoscaler.name,
+                    "metric": group.metric,
+                    "replicas_at_start": group.replicas,
+                }
                 for name, group in self.groups.items()
             },
             "cold_starts": self.cold_starts,

@@ -31,6 +31,7 @@ def render_report(results: Sequence[dict[str, Any]], path: str | Path, title: st
     if attainment:
         sections.append(attainment)
     sections += [_load_section(result) for result in results if result.get("load_over_time")]
+    sections += [_replicas_section(result) for result in results if result.get("scale_events") is not None]
     page = (
         "<!doctype html><html><head><meta charset='utf-8'>"
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
@@ -140,6 +141,31 @@ def _attainment_vs_rate(results: Sequence[dict[str, Any]]) -> str | None:
     axis.grid(alpha=0.3)
     axis.legend(fontsize="small")
     return f"<h2>SLO attainment against arrival rate</h2>{_png(figure)}"
+
+
+def _replicas_section(result: dict[str, Any]) -> str:
+    """Replicas asked for per autoscaled group over time (a step at each scale event), with the arrival
+    rate on a second axis."""
+    figure, axis = plt.subplots(figsize=(11, 4))
+    end = result["duration_s"]
+    for group in result["autoscale"]:
+        events = [event for event in result["scale_events"] if event["group"] == group]
+        start = result["autoscale"][group]["replicas_at_start"]
+        times = [0.0, *(event["t_s"] for event in events), end]
+        counts = [start, *(event["to"] for event in events), events[-1]["to"] if events else start]
+        axis.step(times, counts, where="post", label=f"{group} replicas")
+    axis.set_xlabel("simulated time (s)")
+    axis.set_ylabel("replicas")
+    axis.grid(alpha=0.3)
+    rate = result.get("arrival_rate_over_time", {})
+    if rate.get("t_s"):
+        arrivals = axis.twinx()
+        arrivals.plot(rate["t_s"], rate["rps"], color="grey", linewidth=0.8, label="arrivals per second")
+        arrivals.set_ylabel("arrivals per second")
+        arrivals.legend(fontsize="small", loc="upper right")
+    axis.legend(fontsize="small", loc="upper left")
+    title = html.escape(_label(result, with_rate=True))
+    return f"<h2>Replicas over time: {title}</h2>{_png(figure)}"
 
 
 def _load_section(result: dict[str, Any]) -> str:

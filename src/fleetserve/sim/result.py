@@ -79,6 +79,18 @@ class LoadSeries:
         }
 
 
+def arrival_rate_over_time(arrival: np.ndarray, start: float, bins: int = 60) -> dict[str, list[float]]:
+    """Arrivals per second in `bins` equal spans from the first arrival to the last (span midpoints in
+    seconds after `start`)."""
+    arrived = arrival[~np.isnan(arrival)]
+    if not arrived.size:
+        return {"t_s": [], "rps": []}
+    counts, edges = np.histogram(arrived, bins=bins)
+    width = max(float(edges[1] - edges[0]), 1e-9)
+    middles = (edges[:-1] + edges[1:]) / 2 - start
+    return {"t_s": [round(float(t), 3) for t in middles], "rps": [float(c) / width for c in counts]}
+
+
 # what each rate of the summary counts, over which span of simulated time
 RATE_WINDOWS = {
     "offered_rps": "arrivals / (last arrival - first arrival): the rate the trace asks for",

@@ -42,7 +42,7 @@ from fleetserve.sim.fleet import SimEngine, SimFleet, build_fleet
 from fleetserve.sim.metrics import SLO, RequestMetrics
 from fleetserve.sim.migrations import MigrationLog
 from fleetserve.sim.prompts import LazyPromptTokens
-from fleetserve.sim.result import LoadSeries, SimResult, build_result
+from fleetserve.sim.result import LoadSeries, SimResult, arrival_rate_over_time, build_result
 from fleetserve.tenants import TenantStage
 from fleetserve.workload import TraceRequest
 
@@ -260,6 +260,7 @@ class Simulator:
             result.summary.update(self.migrations.summary(self.config.migration.policy))
         if self.autoscaling is not None:
             result.summary.update(self.autoscaling.summary())
+            result.summary["arrival_rate_over_time"] = arrival_rate_over_time(result.requests.arrival, start)
         return result
 
     def _autoscale(self, now: float) -> None:
