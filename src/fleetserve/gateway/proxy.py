@@ -469,6 +469,10 @@ class Proxy:
                 status, kind, message = failure
                 if failure is MIGRATING:
                     resumed = await self._migrate(exchange, engine, stream)
+                    status, message = (
+                        502,
+                        f"engine {engine.engine_id} handed the stream over; no engine took it",
+                    )
                 else:
                     resumed = await self._resume(exchange, engine, kind, stream)
                 if resumed is None:
