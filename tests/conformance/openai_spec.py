@@ -49,6 +49,15 @@ def trimmed_spec(served_model: str) -> dict[str, Any]:
     # vLLM (and so the emulated engine) sends no `refusal` field: it is OpenAI's moderation output, which
     # no open engine produces. Optional here, still type-checked when present.
     _drop_required(keep.get("ChatCompletionResponseMessage", {}), "refusal")
+    # the discriminator of `tool_calls` names no mapping, so a validator falls back to the schemas' names
+    # ("ChatCompletionMessageToolCall") as the values of `type`, and OpenAI's own answers ("function")
+    # would fail it; the mapping the document means:
+    calls = keep.get("ChatCompletionMessageToolCalls")
+    if calls is not None:
+        calls["items"]["discriminator"]["mapping"] = {
+            "function": "#/components/schemas/ChatCompletionMessageToolCall",
+            "custom": "#/components/schemas/ChatCompletionMessageCustomToolCall",
+        }
     # vLLM answers `"prompt_tokens_details": null` when it has no breakdown; OpenAI always sends one
     _make_nullable(keep["CompletionUsage"]["properties"], "prompt_tokens_details")
     # schemathesis validates each SSE event's envelope ({"data": ..., "event": ...}) against the schema

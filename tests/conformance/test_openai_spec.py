@@ -116,6 +116,21 @@ def test_streams_conform_to_openais_stream_schemas(gateway: str, path: str) -> N
         assert response.headers["content-type"][0].startswith("text/event-stream")
 
 
+def test_a_forced_tool_call_conforms(gateway: str) -> None:
+    """Generated cases reach a forced tool call only now and then; this one always does."""
+    spec = trimmed_spec(MODEL)
+    operation = schemathesis.openapi.from_dict(spec)["/chat/completions"]["post"]
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "what is the weather in Paris?"}],
+        "tools": [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}],
+        "tool_choice": "required",
+    }
+    case = operation.Case(body=body, media_type="application/json")
+    response = case.call_and_validate(base_url=gateway + "/v1", checks=checks_for(spec), timeout=30)
+    assert response.json()["choices"][0]["message"]["tool_calls"][0]["type"] == "function"
+
+
 @pytest.mark.parametrize("path", sorted(OPERATIONS))
 def test_the_gateway_conforms_to_openais_spec(gateway: str, path: str) -> None:
     spec = trimmed_spec(MODEL)
