@@ -56,7 +56,7 @@ def test_live_and_simulated_fleets_break_ties_the_same_way(tmp_path: Path) -> No
 MIGRATING = TwinSettings(
     requests=80,
     rate=80.0,  # a burst: round robin gives the L4 as many requests as the H100, and the L4 queues
-    time_scale=2.0,
+    time_scale=4.0,  # the live burst is then 20 requests a second of wall time: 2 busy cores keep up
     output_tokens=(60, 120),
     fleet=(("l4", "l4", 1), ("h100", "h100-80g", 1)),
     migration=(("policy", "drain_time"), ("interval_s", 0.25)),
