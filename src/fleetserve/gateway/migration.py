@@ -4,8 +4,8 @@ client stream from one engine to the other.
 
 Every `migration.interval_s` the loop reads `GET /fleetserve/load` of each engine that serves the
 migration API (emulated engines; an engine that answers 404 there, as vLLM and llama.cpp do, is not
-asked again), marks as movable the decoding requests
-whose stream this gateway relays and could resume, and asks the controller for moves. A move with KV
+asked again), marks as movable the decoding requests whose stream this gateway relays and could
+resume, and asks the controller for moves. A move with KV
 follows the engine model's staged copy: the request keeps decoding on its engine for the copy's early
 stages (`copy_s - downtime_s`, in the engine's time scale), then the source exports it (its stream
 there sends what it made and ends), the last stage's `downtime_s` passes, and the proxy opens the
@@ -21,7 +21,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
@@ -33,7 +33,6 @@ from fleetserve.gateway.metrics import GatewayMetrics
 from fleetserve.migration import EngineLoad, Move
 from fleetserve.model.capacity import engine_cost
 from fleetserve.model.catalog import Catalog
-from fleetserve.model.cost import CostModel
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +67,7 @@ class PendingMove:
             self.outcome.set_result(outcome)
 
 
-class MovableStream:
+class MovableStream(Protocol):
     """What the registry needs of a relayed stream: a slot for the move to carry out."""
 
     move: PendingMove | None
@@ -114,7 +113,6 @@ class LiveMigration:
         self._metrics = metrics
         self._streams = streams
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._costs: dict[tuple[str | None, str, int], CostModel | None] = {}
         self._carrying: set[asyncio.Task[None]] = set()
         self._without_api: set[str] = set()  # URLs that answered 404 to /fleetserve/load
 
@@ -148,7 +146,8 @@ class LiveMigration:
         return moves
 
     async def _load(self, engine: EngineState) -> EngineLoad | None:
-        cost = self._cost(engine)
+        spec = engine.spec
+        cost = engine_cost(spec.gpu, spec.model, spec.tp, self._catalog)
         if cost is None:
             return None
         try:
@@ -170,13 +169,6 @@ class LiveMigration:
         except (aiohttp.ClientError, TimeoutError, ValueError) as error:
             log.debug("no load from engine %s: %r", engine.engine_id, error)
             return None
-
-    def _cost(self, engine: EngineState) -> CostModel | None:
-        spec = engine.spec
-        key = (spec.gpu, spec.model, spec.tp)
-        if key not in self._costs:
-            self._costs[key] = engine_cost(spec.gpu, spec.model, spec.tp, self._catalog)
-        return self._costs[key]
 
     async def _carry(
         self, move: Move, source: EngineState, destination: EngineState, stream: MovableStream

@@ -618,7 +618,7 @@ class Proxy:
             exported = await pending.exported
             stream.move = None
             session.attempt_ended(self._clock())
-            if exported is None:  # cannot happen: an engine ends a stream early only once it exported
+            if exported is None:  # the export answer was lost (a timeout) though the engine ended the stream
                 pending.end("abandoned")
                 return await self._resume(exchange, source, "migration", stream)
             if pending.downtime_s > 0:
