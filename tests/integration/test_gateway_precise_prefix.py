@@ -142,6 +142,16 @@ def test_gateway_routes_to_blocks_it_learned_only_from_engine_kv_events(fleet: F
         message="the gateway's index to learn l4's blocks from its KV events",
     )
     assert (metric_value(gateway, "fleetserve_kv_events_batches_total", engine="l4") or 0) >= 1
+    # a scrape taken while that request ran would leave l4 looking busy, and the bounded load would
+    # rightly send the next request elsewhere: wait for a scrape that saw it finish
+    wait_until(
+        lambda: all(
+            not metric_value(gateway, f"fleetserve_engine_{state}", engine="l4")
+            for state in ("running", "waiting")
+        ),
+        30,
+        message="the gateway's scrape to see l4 idle again",
+    )
 
     raw = complete(gateway.url, SYSTEM + "And what is paged attention?")
     engine, _, reason = raw.headers["x-fleetserve-route"].partition(";")
