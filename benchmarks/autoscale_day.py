@@ -16,6 +16,7 @@ from typing import Any
 from common import publish, section_head
 from fleetserve.config import FleetConfig
 from fleetserve.sim import simulate
+from fleetserve.sim.planner import fewest_passing
 from fleetserve.workload import TraceRequest
 from fleetserve.workload.generators import WorkloadSpec, ZipfLengths, generate
 
@@ -35,17 +36,15 @@ def fleet(gpu: str, replicas: int, autoscale: dict[str, Any] | None = None) -> F
 
 
 def cheapest_static(trace: list[TraceRequest], gpu: str, target: float) -> tuple[int, dict] | None:
-    """The fewest replicas of `gpu` that meet `target` over the trace (bisection; None: not even
-    MAX_REPLICAS)."""
-    low, high, best = 1, MAX_REPLICAS, None
-    while low <= high:
-        middle = (low + high) // 2
-        summary = simulate(fleet(gpu, middle), trace).summary
-        if summary["slo_attainment"] >= target:
-            best, high = (middle, summary), middle - 1
-        else:
-            low = middle + 1
-    return best
+    """The fewest replicas of `gpu` that meet `target` over the trace (None: not even MAX_REPLICAS)."""
+    summaries: dict[int, dict] = {}
+
+    def passes(replicas: int) -> bool:
+        summaries[replicas] = simulate(fleet(gpu, replicas), trace).summary
+        return summaries[replicas]["slo_attainment"] >= target
+
+    fewest = fewest_passing(passes, 1, MAX_REPLICAS)
+    return None if fewest is None else (fewest, summaries[fewest])
 
 
 def main() -> None:

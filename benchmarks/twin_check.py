@@ -83,6 +83,7 @@ class TwinSettings:
     # the fleet file's `migration:` block, for both sides (interval_s in wall seconds, as the gateway
     # runs it; the simulator gets it in model time)
     migration: tuple[tuple[str, Any], ...] = ()
+    router_params: tuple[tuple[str, Any], ...] = ()  # the fleet file's `router.params`, for both sides
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,7 @@ def fleet_document(settings: TwinSettings, policy: str, gateway_port: int, base_
             }
             for name, gpu, replicas in settings.fleet
         ],
-        "router": {"policy": policy},
+        "router": {"policy": policy, "params": dict(settings.router_params)},
         "slo": {"ttft_ms": settings.slo_ttft_ms, "tpot_ms": settings.slo_tpot_ms},
         "gateway": {"port": gateway_port, "scrape_interval_s": SCRAPE_INTERVAL_S, "max_queue": 4096},
         "emulator": {"base_port": base_port},

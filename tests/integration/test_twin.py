@@ -74,3 +74,28 @@ def test_live_and_simulated_fleets_migrate_alike(tmp_path: Path) -> None:
     ttft_error, tpot_error = run.errors()
     assert ttft_error <= 0.25, (run.live.ttft_ms, run.sim.ttft_ms)
     assert tpot_error <= 0.25, (run.live.tpot_ms, run.sim.tpot_ms)
+
+
+PLAN_SPANS = ("0-128", "128-512", "512-1024", "1024-2048", "2048-3072", "3072-4096", "4096-6144", "6144-8192")
+PLANNED = TwinSettings(
+    requests=12,
+    rate=0.5,
+    time_scale=0.5,
+    output_tokens=(16, 24),
+    fleet=(("h100", "h100-80g", 1), ("l4", "l4", 2)),
+    router_params=(
+        ("routes", {f"in:{span},out:0-32": {"h100-80g": 1.0, "l4": 2.0} for span in (*PLAN_SPANS, "8192+")}),
+    ),
+)
+
+
+def test_live_and_simulated_fleets_follow_a_plan_alike(tmp_path: Path) -> None:
+    """The `planned` policy (a GPU-mix plan's routes) sends the same requests to the same GPU types live
+    and in the twin, in the plan's proportions: a third to the H100, two thirds to the L4s."""
+    (run,) = check_twin(["planned"], PLANNED, tmp_path, progress=lambda line: None)
+    # which L4 takes a request depends on whether the other one has just finished one, which a few
+    # milliseconds decide; the plan's decision is the GPU type
+    assert run.live_shares["h100"] == run.sim_shares["h100"], (run.live_shares, run.sim_shares)
+    # the turns are kept per bucket, and the prompts fall in two buckets: a third each, rounded
+    assert 3 <= run.live_shares["h100"] <= 5
+    assert run.live_shares["l4-0"] + run.live_shares["l4-1"] == 12 - run.live_shares["h100"]

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "model": ("fleetserve.cli.model", "model", "Predict engine timings from the engine model."),
     "workload": ("fleetserve.cli.workload", "workload", "Generate and summarise request traces."),
     "sim": ("fleetserve.cli.sim", "sim", "Replay a trace against a simulated fleet."),
+    "plan": ("fleetserve.cli.plan", "plan", "Plan the cheapest GPU mix for a trace, checked in the twin."),
     "bench": ("fleetserve.cli.bench", "bench", "Load-test a live OpenAI-compatible endpoint."),
     "tenant": ("fleetserve.cli.tenant", "tenant", "Make API keys for the fleet file's tenants."),
 }

@@ -9,6 +9,7 @@ from fleetserve.routing.base import Policy
 from fleetserve.routing.cache_aware import KVCostPolicy, PrefixAwarePolicy
 from fleetserve.routing.dualmap import DualMapPolicy
 from fleetserve.routing.laps import LAPSPolicy
+from fleetserve.routing.planned import PlannedPolicy
 from fleetserve.routing.scored import ScoredPolicy
 from fleetserve.routing.simple import (
     LeastKVPolicy,
@@ -42,6 +43,7 @@ for _cls in (
     SessionPolicy,
     LoraAffinityPolicy,
     ScoredPolicy,
+    PlannedPolicy,
 ):
     register_policy(_cls)
 

@@ -1,0 +1,207 @@
+"""GPU profiles for the mix planner: the highest request rate one replica sustains within the SLO, per
+length bucket, measured by the simulator with the engine model (Mélange profiles on real GPUs; the
+AIBrix GPU optimizer needs a profile someone ran, and finds none for a new GPU: aibrix#1713).
+
+A bucket's workload is synthetic and the same for every trace: requests whose input and output lengths
+are drawn log-uniformly within the bucket (an open bucket reaches 4x its lower edge, within the model's
+context), arriving as a Poisson process. A probe at rate `r` replays `PROFILE_SECONDS` of it (at least
+`MIN_REQUESTS` and at most `MAX_REQUESTS` requests): a fixed number of requests would arrive, at a high
+rate, as one batch that any engine serves within the SLO, which says nothing about a steady state.
+The capacity is the highest rate, between `MIN_RATE` and `MAX_RATE`, at which one replica meets the
+target (doubling or halving from 1 req/s, then bisection to `PROFILE_TOLERANCE`). Prefix sharing is
+left out, so a profile errs on the safe side for traces that share prompts; the planner's replay of the
+real trace checks the plan.
+
+Profiles are cached on disk, one JSON file per key. The key is a digest of everything the figure
+depends on: the model's and the GPU's catalog entries, the TP degree, the engine arguments, the SLO, the
+attainment target, the bucket, the workload's size and this module's `PROFILE_VERSION`, and
+fleetserve's version (the engine model changes between versions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fleetserve import __version__
+from fleetserve.autoscale.mix import Bucket, option_name
+from fleetserve.config import EngineGroup, FleetConfig, RouterConfig, SLOConfig
+from fleetserve.model.catalog import Catalog, default_catalog
+from fleetserve.sim.simulator import SimOptions, simulate
+from fleetserve.workload import TraceRequest
+
+PROFILE_VERSION = 1
+PROFILE_SECONDS = 120.0
+MIN_REQUESTS = 300
+MAX_REQUESTS = 3000
+MIN_RATE = 1 / 64  # below this a replica counts as unable to serve the bucket
+MAX_RATE = 1024.0
+OPEN_BUCKET_SPAN = 4  # an open bucket's workload reaches this x its lower edge
+PROFILE_TOLERANCE = 0.05
+MAX_PROBES = 18
+
+
+def default_profile_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "fleetserve" / "profiles"
+
+
+@dataclass(frozen=True)
+class ProfileRequest:
+    """One measurement: a replica of `group` serving `bucket` within `slo` for `target` of requests."""
+
+    group: EngineGroup
+    bucket: Bucket
+    slo: SLOConfig
+    target: float
+
+    @property
+    def option(self) -> str:
+        return option_name(self.group.gpu or "", self.group.tp)
+
+    def key(self, catalog: Catalog) -> str:
+        identity = {
+            "version": PROFILE_VERSION,
+            "fleetserve": __version__,
+            "model": dataclasses.asdict(catalog.model(self.group.model)),
+            "gpu": dataclasses.asdict(catalog.gpu(self.group.gpu or "")),
+            "tp": self.group.tp,
+            "engine_args": self.group.engine_args.model_dump(),
+            "slo": self.slo.model_dump(),
+            "target": self.target,
+            "bucket": self.bucket.key,
+            "workload": [PROFILE_SECONDS, MIN_REQUESTS, MAX_REQUESTS, MIN_RATE, MAX_RATE, PROFILE_TOLERANCE],
+        }
+        return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+class ProfileStore:
+    """Measured capacities on disk under `directory` (created on first write); None: no cache."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self.directory = directory
+        self.hits = 0
+        self.measured = 0
+
+    def get(self, key: str) -> float | None:
+        if self.directory is None:
+            return None
+        path = self.directory / f"{key}.json"
+        try:
+            record = json.loads(path.read_text())
+            value = float(record["capacity_rps"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # absent or unreadable: measure again
+        self.hits += 1
+        return value
+
+    def put(self, key: str, record: dict[str, Any]) -> None:
+        if self.directory is None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"{key}.json"
+        partial = path.with_suffix(".tmp")
+        partial.write_text(json.dumps(record, indent=1, sort_keys=True))
+        partial.replace(path)  # a reader never sees half a file
+
+
+def bucket_workload(bucket: Bucket, max_context: int, rate_rps: float) -> list[TraceRequest]:
+    """A probe's synthetic requests at `rate_rps`; empty when the bucket's shortest request does not fit
+    the model's context. The same lengths at every rate: only the arrival times stretch."""
+    output_high = bucket.output_high or max(bucket.output_low, 1) * OPEN_BUCKET_SPAN
+    output_low = max(bucket.output_low, 1)
+    input_low = max(bucket.input_low, 1)
+    input_high = min(bucket.input_high or input_low * OPEN_BUCKET_SPAN, max_context - output_low)
+    if input_high <= input_low:
+        return []
+    count = min(MAX_REQUESTS, max(MIN_REQUESTS, math.ceil(rate_rps * PROFILE_SECONDS)))
+    lengths = random.Random(f"{bucket.key}/lengths")
+    gaps = random.Random(f"{bucket.key}/arrivals")
+    requests = []
+    clock_ms = 0.0
+    for _ in range(count):
+        clock_ms += gaps.expovariate(rate_rps) * 1000.0
+        output_length = _log_uniform(lengths, output_low, output_high)
+        input_length = _log_uniform(lengths, input_low, min(input_high, max_context - output_length))
+        requests.append(TraceRequest(round(clock_ms, 3), input_length, output_length))
+    return requests
+
+
+def _log_uniform(rng: random.Random, low: int, high: int) -> int:
+    if high <= low + 1:
+        return low
+    return min(high - 1, int(math.exp(rng.uniform(math.log(low), math.log(high)))))
+
+
+def measure(request: ProfileRequest, catalog: Catalog) -> dict[str, Any]:
+    """The highest rate at which one replica meets the target on the bucket's workload."""
+    max_context = catalog.model(request.group.model).max_context
+    if not bucket_workload(request.bucket, max_context, 1.0):
+        return {"capacity_rps": 0.0, "why": "the bucket's prompts do not fit the model's context"}
+    single = request.group.model_copy(update={"replicas": 1, "autoscale": None, "port": None})
+    config = FleetConfig(engines=[single], slo=request.slo, router=RouterConfig(policy="least_request"))
+    options = SimOptions(load_samples=0, give_up_below=request.target)
+    probes: list[tuple[float, float]] = []
+
+    def meets(rate: float) -> bool:
+        workload = bucket_workload(request.bucket, max_context, rate)
+        summary = simulate(config, workload, "least_request", options=options).summary
+        probes.append((rate, summary["slo_attainment"]))
+        return summary["slo_attainment"] >= request.target
+
+    low: float | None = None  # highest rate known to pass
+    high: float | None = None  # lowest rate known to fail
+    rate = 1.0
+    while len(probes) < MAX_PROBES and (low is None or high is None):
+        if meets(rate):
+            low = rate
+            if rate >= MAX_RATE:
+                break
+            rate = min(MAX_RATE, rate * 2)
+        else:
+            high = rate
+            if rate <= MIN_RATE:
+                break
+            rate = max(MIN_RATE, rate / 2)
+    while low is not None and high is not None and high / low - 1 > PROFILE_TOLERANCE:
+        if len(probes) >= MAX_PROBES:
+            break
+        middle = math.sqrt(low * high)
+        if meets(middle):
+            low = middle
+        else:
+            high = middle
+    return {"capacity_rps": low or 0.0, "probes": [[r, round(a, 4)] for r, a in probes]}
+
+
+def profile_capacities(
+    requests: list[ProfileRequest],
+    store: ProfileStore,
+    catalog: Catalog | None = None,
+    on_measured: Callable[[ProfileRequest, float, bool], None] | None = None,
+) -> dict[str, dict[str, float]]:
+    """option name -> bucket key -> capacity (req/s), from the store where it has the key."""
+    catalog = catalog or default_catalog()
+    capacities: dict[str, dict[str, float]] = {}
+    for request in requests:
+        key = request.key(catalog)
+        value = store.get(key)
+        cached = value is not None
+        if value is None:
+            record = measure(request, catalog)
+            record.update(option=request.option, bucket=request.bucket.key, target=request.target)
+            store.put(key, record)
+            store.measured += 1
+            value = float(record["capacity_rps"])
+        capacities.setdefault(request.option, {})[request.bucket.key] = value
+        if on_measured is not None:
+            on_measured(request, value, cached)
+    return capacities
