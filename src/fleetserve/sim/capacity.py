@@ -130,23 +130,47 @@ def find_capacity(
             raise unreachable
         return result.slo_attainment >= target
 
-    low: float | None = None  # highest rate known to pass
-    high: float | None = None  # lowest rate known to fail
-    rate = base_rate
-    while len(probes) < max_probes and (low is None or high is None):
-        if probe(rate):
-            low = rate
-            rate *= 2.0
-        else:
-            high = rate
-            rate /= 2.0
-    while low is not None and high is not None and high / low - 1 > tolerance and len(probes) < max_probes:
-        middle = math.sqrt(low * high)
-        if probe(middle):
-            low = middle
-        else:
-            high = middle
+    low, high = bracket_rate(probe, base_rate, tolerance=tolerance, max_probes=max_probes)
     if low is None:
         return CapacityResult(0.0, 0.0, target, True, probes)
     attained = next(p.slo_attainment for p in probes if p.rate_rps == low)
     return CapacityResult(low, attained, target, high is not None, probes)
+
+
+def bracket_rate(
+    passes: Callable[[float], bool],
+    start: float,
+    *,
+    tolerance: float,
+    max_probes: int,
+    lowest: float = 0.0,
+    highest: float = math.inf,
+) -> tuple[float | None, float | None]:
+    """(the highest rate known to pass, the lowest known to fail) for a `passes` that holds below some
+    rate: doubling or halving from `start` (never beyond `lowest`..`highest`), then geometric bisection
+    until the two are within `tolerance` (relative) or `passes` has run `max_probes` times. None where
+    no probe passed (or failed)."""
+    low: float | None = None
+    high: float | None = None
+    probes = 0
+    rate = start
+    while probes < max_probes and (low is None or high is None):
+        probes += 1
+        if passes(rate):
+            low = rate
+            if rate >= highest:
+                break
+            rate = min(highest, rate * 2.0)
+        else:
+            high = rate
+            if rate <= lowest:
+                break
+            rate = max(lowest, rate / 2.0)
+    while low is not None and high is not None and high / low - 1 > tolerance and probes < max_probes:
+        probes += 1
+        middle = math.sqrt(low * high)
+        if passes(middle):
+            low = middle
+        else:
+            high = middle
+    return low, high

@@ -35,6 +35,7 @@ from fleetserve import __version__
 from fleetserve.autoscale.mix import Bucket, option_name
 from fleetserve.config import EngineGroup, FleetConfig, RouterConfig, SLOConfig
 from fleetserve.model.catalog import Catalog, default_catalog
+from fleetserve.sim.capacity import bracket_rate
 from fleetserve.sim.simulator import SimOptions, simulate
 from fleetserve.workload import TraceRequest
 
@@ -157,28 +158,9 @@ def measure(request: ProfileRequest, catalog: Catalog) -> dict[str, Any]:
         probes.append((rate, summary["slo_attainment"]))
         return summary["slo_attainment"] >= request.target
 
-    low: float | None = None  # highest rate known to pass
-    high: float | None = None  # lowest rate known to fail
-    rate = 1.0
-    while len(probes) < MAX_PROBES and (low is None or high is None):
-        if meets(rate):
-            low = rate
-            if rate >= MAX_RATE:
-                break
-            rate = min(MAX_RATE, rate * 2)
-        else:
-            high = rate
-            if rate <= MIN_RATE:
-                break
-            rate = max(MIN_RATE, rate / 2)
-    while low is not None and high is not None and high / low - 1 > PROFILE_TOLERANCE:
-        if len(probes) >= MAX_PROBES:
-            break
-        middle = math.sqrt(low * high)
-        if meets(middle):
-            low = middle
-        else:
-            high = middle
+    low, _ = bracket_rate(
+        meets, 1.0, tolerance=PROFILE_TOLERANCE, max_probes=MAX_PROBES, lowest=MIN_RATE, highest=MAX_RATE
+    )
     return {"capacity_rps": low or 0.0, "probes": [[r, round(a, 4)] for r, a in probes]}
 
 
