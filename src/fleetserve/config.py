@@ -90,6 +90,7 @@ AUTOSCALE_METRIC_TARGETS = {  # each metric's default target, per ready replica
     "waiting": 2.0,
     "kv_usage": 0.7,
     "predicted_ttft_ms": 500.0,
+    "tokens_per_s": 1000.0,
 }
 
 
@@ -101,17 +102,18 @@ class AutoscaleConfig(_Strict):
     )
     min_replicas: int = Field(1, ge=1, description="Fewest replicas (scale to zero is not built yet).")
     max_replicas: int = Field(8, ge=1, description="Most replicas.")
-    metric: Literal["in_flight", "waiting", "kv_usage", "predicted_ttft_ms"] = Field(
+    metric: Literal["in_flight", "waiting", "kv_usage", "predicted_ttft_ms", "tokens_per_s"] = Field(
         "in_flight",
         description="What each ready replica reports, summed over the group (the target is per replica, as"
         " in AIBrix): requests in flight per unit of relative capacity, waiting requests, KV-cache usage"
-        " (0-1), or the engine model's predicted TTFT of a 1024-token prompt (ms).",
+        " (0-1), the engine model's predicted TTFT of a 1024-token prompt (ms), or output tokens per"
+        " second since the last sample.",
     )
     target: float | None = Field(
         None,
         gt=0,
         description="The metric's value per replica to aim at; unset: in_flight 16, waiting 2, kv_usage 0.7,"
-        " predicted_ttft_ms 500.",
+        " predicted_ttft_ms 500, tokens_per_s 1000.",
     )
     interval_s: float = Field(10.0, gt=0, description="How often the metric is sampled and a decision taken.")
     stable_window_s: float = Field(180.0, gt=0, description="The window whose mean sizes the group.")

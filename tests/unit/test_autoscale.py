@@ -160,7 +160,11 @@ def test_a_bad_autoscale_block_is_refused_with_its_key_and_line() -> None:
         parse_fleet(outside, "fleet.yaml")
 
 
-def test_in_the_twin_a_burst_adds_engines_and_the_quiet_after_it_removes_them() -> None:
+@pytest.mark.parametrize(("metric", "target"), [("in_flight", 4), ("tokens_per_s", 300)])
+def test_in_the_twin_a_burst_adds_engines_and_the_quiet_after_it_removes_them(
+    metric: str, target: float
+) -> None:
+    """12 req/s of 128-token answers is ~1,500 tokens/s, 0.5 req/s ~64: either metric sees the burst."""
     lengths = {"input_lengths": FixedLengths(512), "output_lengths": FixedLengths(128)}
     quiet = generate(WorkloadSpec(0.5, duration_s=900.0, seed=0, **lengths))
     burst = generate(WorkloadSpec(12.0, duration_s=120.0, seed=1, **lengths))
@@ -175,7 +179,7 @@ def test_in_the_twin_a_burst_adds_engines_and_the_quiet_after_it_removes_them() 
                     "name": "l4",
                     "gpu": "l4",
                     "model": "llama-3-8b",
-                    "autoscale": {"policy": "kpa", "max_replicas": 8, "target": 4},
+                    "autoscale": {"policy": "kpa", "max_replicas": 8, "metric": metric, "target": target},
                 }
             ]
         }

@@ -44,6 +44,8 @@ class SimAutoscaling:
     cold_starts: int = 0
     never_ready: int = 0
     _since: dict[str, float] = field(default_factory=dict)  # engine id -> when it entered its state
+    # engine id -> (when, output tokens) at its last tokens_per_s sample
+    _tokens_seen: dict[str, tuple[float, int]] = field(default_factory=dict)
 
     @classmethod
     def of(
@@ -111,9 +113,20 @@ class SimAutoscaling:
             values = [engine.model.metrics.num_waiting for engine in ready]
         elif metric == "kv_usage":
             values = [engine.model.metrics.kv_usage for engine in ready]
+        elif metric == "tokens_per_s":
+            values = [self._token_rate(engine, now) for engine in ready]
         else:
             values = [engine.model.predict_ttft(TYPICAL_PROMPT_TOKENS, 0, now) * 1000.0 for engine in ready]
         return sum(values)
+
+    def _token_rate(self, engine: SimEngine, now: float) -> float:
+        """Output tokens per second since this engine's previous sample (since it joined, the first
+        time; a replica that has just become ready has produced nothing yet)."""
+        then, before = self._tokens_seen.get(
+            engine.engine_id, (self._since.get(engine.engine_id, self.start), 0)
+        )
+        self._tokens_seen[engine.engine_id] = (now, engine.output_tokens)
+        return (engine.output_tokens - before) / (now - then) if now > then else 0.0
 
     def _act(self, group: str, actions: ScaleActions, now: float) -> None:
         for engine_id in (*actions.never_ready, *actions.stop):

@@ -41,6 +41,7 @@ class SimEngine:
     dispatched: int = 0
     busy_since: float | None = None
     busy_time: float = 0.0
+    output_tokens: int = 0  # generated so far (the tokens_per_s autoscaling metric reads it)
 
     @property
     def in_flight(self) -> int:

@@ -520,6 +520,7 @@ class Simulator:
         live_requests = self._live
         metrics = self.metrics
         itl = metrics.itl
+        produced = 0
         # a TokenOutput is a NamedTuple: unpacking it in field order beats reading seven attributes
         for request_id, count, first, last, finished, finish_reason, cached_tokens in result.outputs:
             live = live_requests[request_id]
@@ -532,6 +533,7 @@ class Simulator:
             if count > 1:
                 itl.add((last - first) / (count - 1), count - 1)
             live.tokens += count
+            produced += count
             live.last_token_time = last
             if finished:
                 del live_requests[request_id]
@@ -551,6 +553,7 @@ class Simulator:
                     self._last_finish = last
                 if engine.state is EngineEvent.DRAINING and engine.in_flight == 0:
                     self.actuator.drained(engine, last)
+        engine.output_tokens += produced
 
     def _missed(self, live: _Live, last: float) -> bool:
         first = self.metrics.first_token[live.index]
