@@ -75,9 +75,15 @@ class LengthBuckets:
 
     def input_bucket_keys(self, input_length: int) -> list[str]:
         """Every bucket of the input length's row, whatever the output."""
-        i = bisect.bisect_right(self.input_edges, input_length)
-        rows = _bounds(self.input_edges, i)
-        return [Bucket(*rows, *_bounds(self.output_edges, o)).key for o in range(len(self.output_edges) + 1)]
+        row = self._row(input_length)
+        return [Bucket(*row, *_bounds(self.output_edges, o)).key for o in range(len(self.output_edges) + 1)]
+
+    def row_key(self, input_length: int) -> str:
+        """The input length's row as a name: `in:128-512`."""
+        return f"in:{_span(*self._row(input_length))}"
+
+    def _row(self, input_length: int) -> tuple[int, int | None]:
+        return _bounds(self.input_edges, bisect.bisect_right(self.input_edges, input_length))
 
 
 def _bounds(edges: Sequence[int], index: int) -> tuple[int, int | None]:

@@ -51,11 +51,6 @@ class PlannedPolicy(Policy):
         self._turns: dict[str, dict[str, float]] = {}  # bucket key -> type -> smooth WRR credit
         self._rng = random.Random(seed)
 
-    def set_routes(self, routes: Mapping[str, Mapping[str, float]]) -> None:
-        """Serve a new plan's table (the `planned` autoscaler re-plans as traffic changes)."""
-        self.routes = _rates("routes", routes)
-        self._turns.clear()
-
     def choose(self, request: RequestInfo, view: FleetView, now: float) -> Decision:
         candidates = require_candidates(request, view)
         by_type: dict[str, list[EngineView]] = {}
@@ -88,7 +83,7 @@ class PlannedPolicy(Policy):
         for bucket in row:
             for name, rate in self.routes.get(bucket, {}).items():
                 summed[name] = summed.get(name, 0.0) + rate
-        return row[0].split(",")[0], summed
+        return self.buckets.row_key(request.prompt_len), summed
 
     def _take_turn(self, key: str, weights: Mapping[str, float]) -> str:
         credit = self._turns.setdefault(key, {})

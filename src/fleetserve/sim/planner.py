@@ -135,7 +135,7 @@ def allowed_groups(config: FleetConfig, gpus: Sequence[str] | None, catalog: Cat
             chosen.setdefault(option_name(spec.name, group.tp), group)
     else:
         for group in groups:
-            name = option_name(catalog.gpu(group.gpu or "").name, group.tp)
+            name = _option_of(group, catalog)
             if name in chosen:
                 raise SimInputError(
                     f"engine groups {chosen[name].name} and {group.name} are both {name}: the plan needs"
@@ -193,7 +193,7 @@ def plan_fleet(
     capacities = profile_capacities(requests, store, catalog, measured)
     notes: list[str] = []
     demand = _servable(demand, capacities, len(trace) / rate_of(trace), options.target, notes)
-    by_name = {option_name(catalog.gpu(g.gpu or "").name, g.tp): g for g in groups}
+    by_name = {_option_of(g, catalog): g for g in groups}
     gpu_options = [
         GpuOption(name, catalog.gpu(group.gpu or "").usd_per_hour * group.tp, capacities.get(name, {}))
         for name, group in by_name.items()
@@ -399,7 +399,7 @@ def _replay(config: FleetConfig, trace: Sequence[TraceRequest], seed: int, catal
     summary = simulate(config, trace, seed=seed, options=SimOptions(load_samples=0)).summary
     replicas: dict[str, int] = {}
     for group in config.engines:
-        name = option_name(catalog.gpu(group.gpu or "").name, group.tp)
+        name = _option_of(group, catalog)
         replicas[name] = replicas.get(name, 0) + group.replicas
     return Replay(replicas, summary["slo_attainment"], summary["fleet"]["usd_per_hour"], config, summary)
 
@@ -429,7 +429,7 @@ def _baseline(
     say: Callable[[str], None],
 ) -> tuple[dict[str, Any], Replay | None]:
     """The fewest replicas of one GPU type that meet the target in the simulator, and their replay."""
-    name = option_name(catalog.gpu(group.gpu or "").name, group.tp)
+    name = _option_of(group, catalog)
     option = next(o for o in gpu_options if o.name == name)
     # buckets this type cannot serve in time miss the SLO here; the replay says whether the rest carry
     # the target anyway
@@ -505,6 +505,11 @@ def fewest_passing(passes: Callable[[int], bool], start: int, most: int) -> int 
         else:
             low = middle
     return high
+
+
+def _option_of(group: EngineGroup, catalog: Catalog) -> str:
+    """The group's kind of replica as plans name it (the catalog's GPU name, so aliases agree)."""
+    return option_name(catalog.gpu(group.gpu or "").name, group.tp)
 
 
 def _counts(replicas: dict[str, int]) -> str:
