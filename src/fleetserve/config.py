@@ -30,6 +30,7 @@ from fleetserve.errors import InputError
 
 if TYPE_CHECKING:
     from fleetserve.autoscale import GroupScaler
+    from fleetserve.autoscale.loop import AutoscaledGroup
     from fleetserve.migration import MigrationController
     from fleetserve.model.catalog import Catalog
     from fleetserve.pipeline import Stage
@@ -100,7 +101,12 @@ class AutoscaleConfig(_Strict):
     policy: Literal["kpa", "apa"] = Field(
         "kpa", description="kpa (Knative/AIBrix, with a panic mode) or apa (AIBrix's proportional one)."
     )
-    min_replicas: int = Field(1, ge=1, description="Fewest replicas (scale to zero is not built yet).")
+    min_replicas: int = Field(
+        1,
+        ge=0,
+        description="Fewest replicas. 0 lets the group scale to zero: a request for its model then waits"
+        " (at most activation_timeout_s) while a replica starts.",
+    )
     max_replicas: int = Field(8, ge=1, description="Most replicas.")
     metric: Literal["in_flight", "waiting", "kv_usage", "predicted_ttft_ms", "tokens_per_s"] = Field(
         "in_flight",
@@ -130,6 +136,12 @@ class AutoscaleConfig(_Strict):
     ready_timeout_s: float = Field(
         600.0, gt=0, description="A replica still starting after this is stopped and replaced."
     )
+    activation_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="min_replicas 0: how long a request waits for a replica to start before it gets 503"
+        " with Retry-After.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> AutoscaleConfig:
@@ -142,6 +154,15 @@ class AutoscaleConfig(_Strict):
     @property
     def metric_target(self) -> float:
         return AUTOSCALE_METRIC_TARGETS[self.metric] if self.target is None else self.target
+
+    def group(self, group: EngineGroup) -> AutoscaledGroup:
+        """The group as the fleet's autoscaler runs it, with a fresh scaler (the same object for the
+        gateway and the simulator)."""
+        from fleetserve.autoscale.loop import AutoscaledGroup
+
+        return AutoscaledGroup(
+            group.name, group.model, self.metric, self.interval_s, self.scaler(group.name), group.replicas
+        )
 
     def scaler(self, group: str) -> GroupScaler:
         """The group's scaler: the same object for the gateway and the simulator."""
@@ -651,14 +672,31 @@ class FleetConfig(_Strict):
         return engines
 
     def stages(self, catalog: Catalog | None = None) -> list[Stage]:
-        """Fresh objects for the `pipeline:` stages (each gateway and each simulation owns its own)."""
+        """Fresh objects for the `pipeline:` stages (each gateway and each simulation owns its own),
+        after the `activator` when a group may scale to zero."""
+        from fleetserve.autoscale.activator import ActivatorStage
         from fleetserve.pipeline.registry import make_pipeline
 
-        return make_pipeline(
+        stages = make_pipeline(
             ((entry.stage, entry.params) for entry in self.pipeline),
             tenants=self.tenant_directory(),
             catalog=catalog,
         )
+        timeouts = self.activation_timeouts()
+        return [ActivatorStage(timeouts_s=timeouts), *stages] if timeouts else stages
+
+    def activation_timeouts(self) -> dict[str, float]:
+        """model -> how long its requests wait for a replica, for models a group may scale to zero."""
+        timeouts: dict[str, float] = {}
+        for group in self.engines:
+            scale = group.autoscale
+            if scale is not None and scale.min_replicas == 0:
+                timeouts[group.model] = max(timeouts.get(group.model, 0.0), scale.activation_timeout_s)
+        return timeouts
+
+    def autoscaled_groups(self) -> list[AutoscaledGroup]:
+        """Every group with an `autoscale:` block, with fresh scalers."""
+        return [group.autoscale.group(group) for group in self.engines if group.autoscale is not None]
 
     def model_tokenizers(self) -> dict[str, str]:
         """model -> the tokenizer.json the fleet file names for it (on any of its lines)."""

@@ -58,7 +58,7 @@ def test_heterogeneous_emulated_fleet_and_run_time_membership(procs: Processes) 
     def states() -> dict[str, dict[str, object]]:
         return {e["id"]: e for e in httpx.get(admin + "/engines").json()["engines"]}
 
-    wait_until(lambda: states()["l4"]["state"] == "healthy", timeout=20, message="l4 added and healthy")
+    wait_until(lambda: states()["l4"]["health"] == "healthy", timeout=20, message="l4 added and healthy")
     capacities = {engine_id: engine["capacity"] for engine_id, engine in states().items()}
     assert capacities["l4"] == 1.0 and capacities["h100"] > 3.0  # relative to the slowest (L4)
 

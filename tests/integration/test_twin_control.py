@@ -59,7 +59,7 @@ def _complete(client: openai.OpenAI, max_tokens: int, priority: int | None = Non
 
 
 def _routable(admin: str) -> set[str]:
-    return {e["id"] for e in get_json(admin + "/engines")["engines"] if e["state"] == "healthy"}
+    return {e["id"] for e in get_json(admin + "/engines")["engines"] if e["health"] == "healthy"}
 
 
 PRIORITIES = (0, 5, 2, 5)  # served: both 5s in arrival order, then 2, then 0

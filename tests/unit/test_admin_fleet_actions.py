@@ -27,7 +27,7 @@ engines:
 def gateway(tmp_path: Path) -> Gateway:
     config = parse_fleet(FLEET)
     gateway = Gateway(config)
-    gateway.actuator = LocalActuator(config, EngineLauncher(log_dir=tmp_path / "logs"), gateway, tmp_path)
+    gateway.use_actuator(LocalActuator(config, EngineLauncher(log_dir=tmp_path / "logs"), gateway, tmp_path))
     return gateway
 
 

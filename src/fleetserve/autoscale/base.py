@@ -53,6 +53,10 @@ class Autoscaler(ABC):
     @abstractmethod
     def desired(self, group: GroupStatus, window: MetricWindow, now: float) -> Decision: ...
 
+    def scaled_up(self, now: float) -> None:
+        """The group grew without this policy's word (activated from zero): the cooldown counts from now."""
+        self._last_scale_up = now
+
     def _limited(self, group: GroupStatus, wanted: int, reason: str, observed: float, now: float) -> Decision:
         """`wanted` within the step limits, the cooldown and the group's bounds."""
         ready = group.ready

@@ -4,7 +4,8 @@ Each round: replicas that have been starting for longer than `ready_timeout_s` a
 replaced (counted in `never_ready`; they never hold scaling up, as in aibrix#617); the autoscaler reads
 the group's metric window; more replicas wanted are started; fewer are shed, replicas still starting
 first (the newest), then the ready ones with the fewest requests, which are drained (their requests
-finish, or move if migration is on), never cut."""
+finish, or move if migration is on), never cut. A group with no replica at all while requests wait for
+one gets one at once (`activate`): its metric cannot say so, as no replica reports it."""
 
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ class GroupScaler:
         """The group's metric now: summed over its ready replicas."""
         self.window.add(now, value)
 
-    def step(self, replicas: list[Replica], now: float) -> ScaleActions:
+    def step(self, replicas: list[Replica], now: float, waiting_for_replica: int = 0) -> ScaleActions:
+        """`waiting_for_replica`: requests held until a replica of the group's model is ready."""
         never_ready = tuple(
             replica.engine_id
             for replica in replicas
@@ -66,6 +68,9 @@ class GroupScaler:
         ready = [replica for replica in live if replica.state == "ready"]
         status = GroupStatus(self.group, len(live), len(ready), self.min_replicas, self.max_replicas)
         decision = self.autoscaler.desired(status, self.window, now)
+        if not live and waiting_for_replica > 0 and decision.replicas < 1 <= self.max_replicas:
+            decision = Decision(1, "activate", float(waiting_for_replica))
+            self.autoscaler.scaled_up(now)
         wanted = decision.replicas
         if wanted >= len(live):
             return ScaleActions(decision, len(live), start=wanted - len(live), never_ready=never_ready)

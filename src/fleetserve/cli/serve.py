@@ -1,7 +1,8 @@
 """`fleetserve serve -c fleet.yaml`: the gateway in front of the fleet a fleet file describes, and the
 engines it asks fleetserve to launch (`fleetserve.engines.fleet`, where what is launched how is
-described). The engines started later through the admin API's `POST /engines {"group": ...}` are
-started by the same launcher (`fleetserve.engines.actuator`)."""
+described). The engines started later (the admin API's `POST /engines {"group": ...}`, the fleet
+file's autoscalers) are started by the same launcher (`fleetserve.engines.actuator`), or, with
+`--ray ADDRESS`, every launched engine runs on a Ray cluster (`fleetserve.engines.ray_actuator`)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import contextlib
 import logging
 import signal
 import sys
+import time
 
 import click
 import uvloop
 
 from fleetserve.config import ConfigError, FleetConfig, load_fleet
+from fleetserve.control import CannotStart
 from fleetserve.engines.actuator import LocalActuator
 from fleetserve.engines.chat_templates import llamacpp_chat_renderers
 from fleetserve.engines.fleet import (
@@ -23,6 +26,8 @@ from fleetserve.engines.fleet import (
     describe_launch,
     launch_engines,
 )
+from fleetserve.engines.kinds import ENGINE_KINDS
+from fleetserve.engines.ray_actuator import RayActuator, connect_ray
 from fleetserve.gateway.app import Gateway
 from fleetserve.gateway.server import run_gateway
 from fleetserve.routing import POLICIES
@@ -44,6 +49,14 @@ log = logging.getLogger(__name__)
 )
 @click.option("--policy", help="Routing policy (overrides router.policy), e.g. least_request.")
 @click.option(
+    "--ray",
+    "ray_address",
+    metavar="ADDRESS",
+    help="Start the launched engines (the fleet file's, the admin API's and the autoscalers') as"
+    " processes on the nodes of the Ray cluster at ADDRESS (its head's host:port, or `auto`) instead of"
+    " this machine. Every node needs fleetserve installed and must be reachable from the gateway.",
+)
+@click.option(
     "--ready-timeout",
     type=click.FloatRange(min=1),
     default=DEFAULT_READY_TIMEOUT_S,
@@ -56,6 +69,7 @@ def serve(
     port: int | None,
     engine_base_port: int | None,
     policy: str | None,
+    ray_address: str | None,
     ready_timeout: float,
 ) -> None:
     """Start the gateway (and the engines) a fleet file describes."""
@@ -69,14 +83,6 @@ def serve(
     if policy is not None and policy not in POLICIES:
         valid = ", ".join(sorted(POLICIES))
         raise click.ClickException(f"unknown policy {policy!r}; valid policies: {valid}")
-    for group in config.engines:
-        if group.autoscale is not None:
-            logging.getLogger(__name__).warning(
-                "engines group %s: autoscale runs in the simulator only so far; serve keeps its %d"
-                " replicas (the admin API can start and drain engines)",
-                group.name,
-                group.replicas,
-            )
     gateway_port = config.gateway.port if port is None else port
     if gateway_port and busy_ports(config.gateway.host, [gateway_port]):
         raise click.ClickException(
@@ -85,9 +91,21 @@ def serve(
     # SIGTERM (docker stop, systemd) takes Ctrl-C's path, so the engines are stopped in order and the
     # temporary files removed; by default it would end the process as soon as uvicorn re-raised it.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    if ray_address is not None:
+        if no_launch:
+            raise click.ClickException("--ray starts engines on a Ray cluster; --no-launch starts none")
+        try:
+            connect_ray(ray_address)
+        except CannotStart as exc:
+            raise click.ClickException(str(exc)) from None
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the SIGINT it handled
         try:
-            uvloop.run(_serve(config, launch=not no_launch, port=port, policy=policy, timeout=ready_timeout))
+            if ray_address is not None:
+                uvloop.run(_serve_on_ray(config, port=port, policy=policy, timeout=ready_timeout))
+            else:
+                uvloop.run(
+                    _serve(config, launch=not no_launch, port=port, policy=policy, timeout=ready_timeout)
+                )
         except LaunchError as exc:
             raise click.ClickException(str(exc)) from None
 
@@ -97,6 +115,12 @@ async def _serve(
 ) -> None:
     renderers = llamacpp_chat_renderers(config)
     if not launch:
+        for group in config.engines:
+            if group.autoscale is not None:
+                log.warning(
+                    "engines group %s: not autoscaled with --no-launch (this gateway starts no engines)",
+                    group.name,
+                )
         gateway = Gateway(config, policy=policy, chat_renderers=renderers)
         await run_gateway(config, port=port, policy=policy, on_ready=_announce, gateway=gateway)
         return
@@ -104,12 +128,34 @@ async def _serve(
         for engine in launched.engines:
             click.echo(describe_launch(config, engine))
         gateway = Gateway(config, policy=policy, chat_renderers=renderers)
-        actuator = LocalActuator(config, launched.launcher, gateway, launched.work_dir)
-        gateway.actuator = actuator
+        actuator = LocalActuator(
+            config, launched.launcher, gateway, launched.work_dir, launched=launched.engines
+        )
+        gateway.use_actuator(actuator)
         try:
             await run_gateway(config, port=port, policy=policy, on_ready=_announce, gateway=gateway)
         finally:
             await actuator.close()
+
+
+async def _serve_on_ray(config: FleetConfig, *, port: int | None, policy: str | None, timeout: float) -> None:
+    """The gateway here, every launched engine on the Ray cluster: the fleet file's replicas are started
+    through the actuator (named GROUP-N) before the first request, and registered as each comes up."""
+    gateway = Gateway(
+        config, policy=policy, chat_renderers=llamacpp_chat_renderers(config), actuator_launches=True
+    )
+    actuator = RayActuator(config, gateway, ready_timeout=timeout)
+    gateway.use_actuator(actuator)
+    for group in config.engines:
+        if ENGINE_KINDS[group.kind].launched:
+            for _ in range(group.replicas):
+                click.echo(
+                    f"starting engine {actuator.start(group.name, time.monotonic())} on the Ray cluster"
+                )
+    try:
+        await run_gateway(config, port=port, policy=policy, on_ready=_announce, gateway=gateway)
+    finally:
+        await actuator.close()
 
 
 def _announce(url: str) -> None:

@@ -34,6 +34,7 @@ class EngineChange:
     group: str
     event: EngineEvent
     at: float  # seconds on the actuator's clock
+    failed: bool = False  # gone: it never came up (its process died or could not start)
 
 
 Listener = Callable[[EngineChange], None]

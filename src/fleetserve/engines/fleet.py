@@ -4,7 +4,8 @@ and the fleet actuator.
 Launching (`launch_engines`) starts, before the gateway listens:
 
 - every `kind: emulated` replica, all in ONE child process (`fleetserve engine emulate --fleet F`, one
-  event loop for every engine, which is what lets a 2-core machine emulate a fleet);
+  event loop for every engine, which is what lets a 2-core machine emulate a fleet), except those of
+  autoscaled groups, which get a process each so that scaling in can stop them;
 - one llama.cpp server (llama-cpp-python) per `kind: llamacpp` replica;
 - one vLLM or SGLang server per replica of those kinds, with the command lines of
   `fleetserve.engines.commands` (they need GPUs: without the package installed this fails up front).
@@ -53,11 +54,12 @@ def launch_plan(config: FleetConfig, work_dir: Path) -> list[EngineSpec]:
     `work_dir`), then one per llama.cpp, vLLM or SGLang replica. External engines need nothing."""
     instances = config.instances()
     specs: list[EngineSpec] = []
-    emulated = [instance for instance in instances if instance.group.kind == "emulated"]
-    if emulated:
-        specs.append(emulator_spec(config, emulated, work_dir / "fleet.yaml"))
+    shared = [i for i in instances if i.group.kind == "emulated" and i.group.autoscale is None]
+    if shared:
+        specs.append(emulator_spec(config, shared, work_dir / "fleet.yaml"))
     for instance in instances:
-        if ENGINE_KINDS[instance.group.kind].argv is not None:
+        kind = ENGINE_KINDS[instance.group.kind]
+        if kind.argv is not None or (kind.launched and instance.group.autoscale is not None):
             specs.append(checked_spec(config, instance, work_dir))
     return specs
 
@@ -217,7 +219,7 @@ async def _report_exits(launcher: EngineLauncher) -> None:
 def describe_launch(config: FleetConfig, engine: LaunchedEngine) -> str:
     """One line per launched process; the emulator's line lists the engines it serves."""
     if engine.name == EMULATOR_ENGINE_NAME:
-        hosted = [i for i in config.instances() if i.group.kind == "emulated"]
+        hosted = [i for i in config.instances() if i.group.kind == "emulated" and i.group.autoscale is None]
         names = ", ".join(f"{i.engine_id}@{i.port}" for i in hosted)
         return f"started {len(hosted)} emulated engine(s) in pid {engine.pid}: {names}"
     return f"started engine {engine.name} at {engine.url} in pid {engine.pid}"

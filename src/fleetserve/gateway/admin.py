@@ -6,6 +6,7 @@ URL: the gateway does not forward clients' Authorization headers to it unless `f
 
 from __future__ import annotations
 
+import datetime
 import hmac
 import logging
 import time
@@ -21,6 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fleetserve.config import EngineDescription
 from fleetserve.control import CannotStart, UnknownGroup
+from fleetserve.control.members import Member
 from fleetserve.fleet.state import EngineState
 from fleetserve.gateway.app import Gateway
 from fleetserve.protocol.errors import error_body
@@ -28,7 +30,9 @@ from fleetserve.protocol.errors import error_body
 log = logging.getLogger(__name__)
 
 
-def describe(engine: EngineState) -> dict[str, Any]:
+def describe(engine: EngineState, member: Member | None = None) -> dict[str, Any]:
+    """An engine as the admin API shows it: `state` is its lifecycle (starting, ready, draining) since
+    `since`, `health` what the gateway's probes and requests make of it."""
     metrics = engine.metrics
     spec = engine.spec
     return {
@@ -42,7 +46,8 @@ def describe(engine: EngineState) -> dict[str, Any]:
         "group": spec.group,
         "adapters": sorted(engine.adapters),
         "draining": engine.draining,
-        "state": engine.health.state.value,
+        **_lifecycle(member, "draining" if engine.draining else "ready"),
+        "health": engine.health.state.value,
         "in_flight": engine.in_flight,
         "capacity": engine.capacity,
         "running": metrics.running if metrics else None,
@@ -51,12 +56,41 @@ def describe(engine: EngineState) -> dict[str, Any]:
     }
 
 
+def _lifecycle(member: Member | None, otherwise: str) -> dict[str, Any]:
+    """`state` and `since` (ISO 8601, UTC) from the fleet's record of the engine."""
+    if member is None:
+        return {"state": otherwise, "since": None}
+    since = time.time() - (time.monotonic() - member.since)  # the actuator's clock is monotonic
+    return {
+        "state": member.state.value,
+        "since": datetime.datetime.fromtimestamp(since, datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _starting(member: Member) -> dict[str, Any]:
+    """An engine whose process is starting: not registered with the gateway yet."""
+    return {"id": member.engine_id, "group": member.group, **_lifecycle(member, "starting"), "health": None}
+
+
+def list_engines(gateway: Gateway) -> list[dict[str, Any]]:
+    members = gateway.members
+    listed = [describe(engine, members.get(engine.engine_id)) for engine in gateway.registry.engines()]
+    starting = [_starting(member) for member in members.all() if member.engine_id not in gateway.registry]
+    return listed + starting
+
+
 def admin_app(gateway: Gateway, token: str | None = None) -> Starlette:
     """The admin API of `gateway`; with `token`, every request must carry it as a bearer token."""
     expected = None if token is None else f"Bearer {token}".encode("latin-1")
 
-    async def list_engines(request: Request) -> Response:
-        return JSONResponse({"engines": [describe(engine) for engine in gateway.registry.engines()]})
+    async def engines(request: Request) -> Response:
+        return JSONResponse({"engines": list_engines(gateway)})
+
+    async def autoscale(request: Request) -> Response:
+        """Each autoscaled group's policy and metric, and the recent scale events."""
+        if gateway.autoscaling is None:
+            return JSONResponse({"autoscale": {}, "scale_events": []})
+        return JSONResponse(gateway.autoscaling.report())
 
     async def add_engine(request: Request) -> Response:
         """A body with a `url` registers that engine; `{"group": NAME}` asks fleetserve to start one."""
@@ -73,7 +107,7 @@ def admin_app(gateway: Gateway, token: str | None = None) -> Starlette:
             return JSONResponse(error_body(400, _first_error(exc)), status_code=400)
         if spec.id in gateway.registry:
             return JSONResponse(error_body(409, f"engine {spec.id!r} already exists"), status_code=409)
-        return JSONResponse(describe(gateway.add_engine(spec)), status_code=201)
+        return JSONResponse(describe(gateway.add_engine(spec), gateway.members.get(spec.id)), status_code=201)
 
     async def remove_engine(request: Request) -> Response:
         """Unregister the engine; one fleetserve started is also stopped (its process ends)."""
@@ -99,11 +133,14 @@ def admin_app(gateway: Gateway, token: str | None = None) -> Starlette:
         if gateway.actuator is None:
             return _cannot_start()
         gateway.actuator.drain(engine_id, time.monotonic(), drain.timeout_s)
-        return JSONResponse(describe(gateway.registry.get(engine_id) or _gone(engine_id)), status_code=202)
+        engine = gateway.registry.get(engine_id)  # a drain of an idle engine may have stopped it already
+        body = _gone(engine_id) if engine is None else describe(engine, gateway.members.get(engine_id))
+        return JSONResponse(body, status_code=202)
 
     return Starlette(
         routes=[
-            Route("/engines", list_engines, methods=["GET"]),
+            Route("/engines", engines, methods=["GET"]),
+            Route("/autoscale", autoscale, methods=["GET"]),
             Route("/engines", add_engine, methods=["POST"]),
             Route("/engines/{engine_id}", remove_engine, methods=["DELETE"]),
             Route("/engines/{engine_id}/drain", drain_engine, methods=["POST"]),

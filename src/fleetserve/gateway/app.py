@@ -17,8 +17,12 @@ from typing import Any
 
 import aiohttp
 
+from fleetserve.autoscale.activator import ActivatorStage
+from fleetserve.autoscale.loop import MetricSource
 from fleetserve.config import EngineDescription, FleetConfig
 from fleetserve.control import FleetActuator
+from fleetserve.control.members import FleetMembers
+from fleetserve.engines.kinds import ENGINE_KINDS
 from fleetserve.errors import InternalError
 from fleetserve.fleet.health import HealthChecker
 from fleetserve.fleet.kv_events import KVEventHub
@@ -27,6 +31,7 @@ from fleetserve.fleet.scrape import MetricsScraper
 from fleetserve.fleet.state import EngineHealth, EngineState
 from fleetserve.fleet.view import ViewBuilder
 from fleetserve.gateway.asgi import Receive, Scope, Send, send_bytes, send_error, send_json
+from fleetserve.gateway.autoscaling import LiveAutoscaling
 from fleetserve.gateway.dispatch import Dispatcher, ModelIndex
 from fleetserve.gateway.metrics import GatewayMetrics
 from fleetserve.gateway.migration import LiveMigration, MovableStreams
@@ -55,17 +60,22 @@ class Gateway:
         catalog: Catalog | None = None,
         seed: int | None = None,
         chat_renderers: Mapping[str, ChatRenderer] | None = None,
+        actuator_launches: bool = False,
     ) -> None:
         """`chat_renderers`: model -> its chat template, for models served by llama.cpp engines (a chat
-        stream resumes on one of those through the completions API over the rendered conversation)."""
+        stream resumes on one of those through the completions API over the rendered conversation).
+        `actuator_launches`: the fleet file's launched engines are started by the fleet actuator (on a
+        Ray cluster), which registers each once it runs; only external engines are registered now."""
         self.config = config
         router = config.router
         if policy is not None and policy != router.policy:
             router = router.model_copy(update={"policy": policy, "params": {}})
         self.registry = EngineRegistry()
+        # every engine's lifecycle (starting, ready, draining) and since when, from the actuator's events
+        self.members = FleetMembers()
         self.kv_events: KVEventHub | None = None  # follows the engines that publish KV events, once started
-        self.metrics = GatewayMetrics(self.registry, lambda: self.kv_events)
-        self.models = ModelIndex(self.registry, time.time)
+        self.metrics = GatewayMetrics(self.registry, lambda: self.kv_events, self.members)
+        self.models = ModelIndex(self.registry, time.time, standby=config.activation_timeouts())
         self.views = ViewBuilder(self.registry, catalog)
         self.dispatcher = Dispatcher(
             router,
@@ -104,8 +114,9 @@ class Gateway:
                 timeout_s=max(config.gateway.connect_timeout_s, config.migration.interval_s),
             )
         )
-        # starts, drains and stops engines for the admin API; set by whoever can launch them (`serve`)
+        # starts, drains and stops engines for the admin API and the autoscaler; see use_actuator
         self.actuator: FleetActuator | None = None
+        self.autoscaling: LiveAutoscaling | None = None
         self._session: aiohttp.ClientSession | None = None
         self._incidents = itertools.count(1)
         self._health: HealthChecker | None = None
@@ -115,7 +126,8 @@ class Gateway:
         # policies read the fleet's precise prefix index instead of learning their own
         self._kv_endpoints: dict[str, tuple[str, str | None]] = {}
         for instance in config.instances():
-            self.add_engine(instance.description())
+            if not (actuator_launches and ENGINE_KINDS[instance.group.kind].launched):
+                self.add_engine(instance.description())
 
     # -- engines ---------------------------------------------------------------------------------
 
@@ -129,6 +141,7 @@ class Gateway:
             description, EngineHealth(settings.eject_after_failures, settings.eject_duration_s)
         )
         self.registry.add(engine)
+        self.members.adopt(description.id, description.group or description.id, time.monotonic())
         self.views.refresh_capacities()
         if description.kv_events_endpoint is not None:
             endpoints = (description.kv_events_endpoint, description.kv_replay_endpoint)
@@ -162,10 +175,37 @@ class Gateway:
     def remove_engine(self, engine_id: str) -> EngineState:
         """Stop routing to the engine; requests already on it finish."""
         engine = self.registry.remove(engine_id)
+        self.members.forget(engine_id)
         self.views.refresh_capacities()
         if self._kv_endpoints.pop(engine_id, None) is not None and self.kv_events is not None:
             self._background(self.kv_events.unsubscribe(engine_id))
         return engine
+
+    def use_actuator(self, actuator: FleetActuator, metric_source: MetricSource | None = None) -> None:
+        """Start, drain and stop engines through `actuator` (the admin API's fleet actions), and run the
+        fleet file's autoscalers with it. `metric_source` replaces the engines' metrics for them (a
+        scripted one)."""
+        self.actuator = actuator
+        actuator.subscribe(self.members.record)
+        groups = self.config.autoscaled_groups()
+        if not groups:
+            return
+        activator = next(
+            (stage for stage in self.dispatcher.path.stages if isinstance(stage, ActivatorStage)), None
+        )
+        self.autoscaling = LiveAutoscaling(
+            groups,
+            actuator,
+            self.members,
+            self.registry,
+            self.views,
+            self.metrics,
+            demand=None if activator is None else activator.waiting,
+            source=metric_source,
+        )
+        self.dispatcher.on_waiting_for_replica = self.autoscaling.activate
+        if self._session is not None:  # started already
+            self._tasks.append(asyncio.create_task(self.autoscaling.run()))
 
     async def _follow(self, engine_id: str, endpoints: tuple[str, str | None]) -> None:
         if self.kv_events is None:
@@ -208,6 +248,8 @@ class Gateway:
         self._tasks = [asyncio.create_task(self._health.run()), asyncio.create_task(scraper.run())]
         if self.migration is not None:
             self._tasks.append(asyncio.create_task(self.migration.run()))
+        if self.autoscaling is not None:
+            self._tasks.append(asyncio.create_task(self.autoscaling.run()))
         await self.tenancy.start()
         for engine_id, endpoints in self._kv_endpoints.items():
             await self._follow(engine_id, endpoints)

@@ -22,12 +22,16 @@ from fleetserve.routing import Decision, Policy, make_policy
 
 
 class ModelIndex:
-    """Which names clients may request: every engine's model and adapters. Rebuilt when the registry
-    changes; `/v1/models` lists only what healthy engines serve."""
+    """Which names clients may request: every engine's model and adapters, and the models of groups
+    that may scale to zero (`standby`: a request for one waits for a replica). Rebuilt when the registry
+    changes; `/v1/models` lists what healthy engines serve, and the standby models."""
 
-    def __init__(self, registry: EngineRegistry, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, registry: EngineRegistry, clock: Callable[[], float], standby: Collection[str] = ()
+    ) -> None:
         self._registry = registry
         self._clock = clock
+        self._standby = tuple(standby)
         self._version = -1
         self._base_of: dict[str, tuple[str, str | None]] = {}
         self._listing: dict[str, Any] = {}
@@ -56,6 +60,9 @@ class ModelIndex:
                 base_of.setdefault(adapter, (engine.model, adapter))
             if engine.health.routable:
                 _add_entries(entries, engine, created)
+        for model in self._standby:
+            base_of.setdefault(model, (model, None))
+            entries.setdefault(model, _model_entry(model, None, created))
         self._base_of = base_of
         self._listing = {"object": "list", "data": list(entries.values())}
         self._version = self._registry.version
@@ -66,10 +73,11 @@ def _add_entries(entries: dict[str, dict[str, Any]], engine: EngineState, create
         if entry.id == engine.model or entry.parent == engine.model:
             entries.setdefault(entry.id, entry.raw)
     for name, parent in ((engine.model, None), *((adapter, engine.model) for adapter in engine.adapters)):
-        entries.setdefault(
-            name,
-            {"id": name, "object": "model", "created": created, "owned_by": "fleetserve", "parent": parent},
-        )
+        entries.setdefault(name, _model_entry(name, parent, created))
+
+
+def _model_entry(name: str, parent: str | None, created: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "fleetserve", "parent": parent}
 
 
 class Dispatcher:
@@ -104,6 +112,8 @@ class Dispatcher:
         self._request_ids = itertools.count()
         self._wakeups: dict[str, asyncio.Future[None]] = {}  # held request id -> resolved on release
         self._clock = clock
+        # called when a request starts waiting for a replica of a group at zero (the autoscaler's)
+        self.on_waiting_for_replica: Callable[[], None] | None = None
         if self.path.stages:  # an engine joined or became healthy: held requests may go on
             registry.on_change(lambda: self._release(self._clock()))
 
@@ -140,6 +150,8 @@ class Dispatcher:
             if isinstance(verdict, Answer):
                 return verdict
             assert isinstance(verdict, Hold)
+            if verdict.reason == "scale_from_zero" and self.on_waiting_for_replica is not None:
+                self.on_waiting_for_replica()
             wakeup = asyncio.get_running_loop().create_future()
             self._wakeups[session.info.request_id] = wakeup
             self._metrics.held.inc()

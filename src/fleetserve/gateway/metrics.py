@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from fleetserve.control.members import FleetMembers
 from fleetserve.fleet.kv_events import KVEventHub
 from fleetserve.fleet.registry import EngineRegistry
 
@@ -22,7 +23,10 @@ TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 
 
 class GatewayMetrics:
     def __init__(
-        self, engines: EngineRegistry, kv_events: Callable[[], KVEventHub | None] = lambda: None
+        self,
+        engines: EngineRegistry,
+        kv_events: Callable[[], KVEventHub | None] = lambda: None,
+        members: FleetMembers | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
@@ -127,7 +131,20 @@ class GatewayMetrics:
             ["reason"],
             registry=self.registry,
         )
-        self.registry.register(_EngineCollector(engines, kv_events))
+        self.desired_replicas = Gauge(
+            "fleetserve_autoscale_desired_replicas",
+            "Replicas the autoscaler last asked for, per autoscaled engine group.",
+            ["group"],
+            registry=self.registry,
+        )
+        self.autoscale_decisions = Counter(
+            "fleetserve_autoscale_decisions",
+            "Autoscaler rounds, by group, direction (up, down, none) and reason (scale, panic, tolerance,"
+            " cooldown, bounds, activate, no_metric).",
+            ["group", "direction", "reason"],
+            registry=self.registry,
+        )
+        self.registry.register(_EngineCollector(engines, kv_events, members or FleetMembers()))
         # resident memory, open file descriptors and CPU of the gateway process (what a soak run watches)
         ProcessCollector(registry=self.registry)
         self.tasks = Gauge(
@@ -149,9 +166,15 @@ def _task_count() -> float:
 
 
 class _EngineCollector(Collector):
-    def __init__(self, engines: EngineRegistry, kv_events: Callable[[], KVEventHub | None]) -> None:
+    def __init__(
+        self,
+        engines: EngineRegistry,
+        kv_events: Callable[[], KVEventHub | None],
+        members: FleetMembers,
+    ) -> None:
         self._engines = engines
         self._kv_events = kv_events
+        self._members = members
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         labels = ["engine", "model", "gpu"]
@@ -181,6 +204,14 @@ class _EngineCollector(Collector):
                 if metrics.kv_usage is not None:
                     kv_usage.add_metric(values, metrics.kv_usage)
         yield from (in_flight, routable, running, waiting, kv_usage)
+        lifecycle = GaugeMetricFamily(
+            "fleetserve_engines",
+            "Engines of each group by lifecycle state (starting, ready, draining).",
+            labels=["group", "state"],
+        )
+        for (group, state), count in sorted(self._members.counts().items()):
+            lifecycle.add_metric([group, state], count)
+        yield lifecycle
         hub = self._kv_events()
         if hub is not None:
             yield from _kv_event_families(hub)

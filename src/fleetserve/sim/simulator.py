@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
 
+from fleetserve.autoscale.activator import ActivatorStage
+from fleetserve.autoscale.loop import FleetAutoscaler, MetricSource
 from fleetserve.config import FleetConfig
 from fleetserve.control import EngineEvent, FleetStep
 from fleetserve.migration import Move, engine_load
@@ -35,7 +37,7 @@ from fleetserve.model.types import EngineRequest, ExportedRequest, StepResult
 from fleetserve.pipeline import Answer, Hold, Refuse, Refused, RequestPath, RequestSession
 from fleetserve.routing import Policy, make_policy
 from fleetserve.sim.actuator import SimActuator
-from fleetserve.sim.autoscaling import SimAutoscaling
+from fleetserve.sim.autoscaling import sim_autoscaler
 from fleetserve.sim.errors import SimInputError
 from fleetserve.sim.events import VirtualClock, WakeupQueue
 from fleetserve.sim.fleet import SimEngine, SimFleet, build_fleet
@@ -61,6 +63,9 @@ class SimOptions:
     give_up_below: float | None = None
     # engines started, drained and stopped during the run, at seconds after its first arrival
     fleet_script: Sequence[FleetStep] = field(default_factory=tuple)
+    # where autoscaled groups' metrics come from instead of the engine models (a scripted source, to
+    # replay the metrics a live run saw)
+    autoscale_metrics: MetricSource | None = None
 
 
 class _Live:
@@ -90,7 +95,10 @@ class Simulator:
         self.policy = policy
         self.options = options = options or SimOptions()
         self.fleet: SimFleet = build_fleet(
-            config, catalog, may_start_empty=any(step.action == "start" for step in options.fleet_script)
+            config,
+            catalog,
+            may_start_empty=any(step.action == "start" for step in options.fleet_script)
+            or any(group.autoscale is not None and group.replicas == 0 for group in config.engines),
         )
         groups = {group.name for group in config.engines}
         for step in options.fleet_script:
@@ -146,7 +154,8 @@ class Simulator:
         settings = config.migration
         self.migration = settings.controller()
         self._migration_interval = settings.interval_s
-        self.autoscaling: SimAutoscaling | None = None  # set up by run(), from the groups' autoscale:
+        self.autoscaling: FleetAutoscaler | None = None  # set up by run(), from the groups' autoscale:
+        self._activator = next((stage for stage in stages if isinstance(stage, ActivatorStage)), None)
         self._next_migration = -math.inf
         self.migrations = MigrationLog()
 
@@ -193,8 +202,14 @@ class Simulator:
         self.clock = VirtualClock(start)
         for step in self.options.fleet_script:
             self.at(start + step.at_s, self._scripted(step))
-        self.autoscaling = SimAutoscaling.of(
-            self.config.engines, self.fleet, self.actuator, start, self._catch_up
+        self.autoscaling = sim_autoscaler(
+            self.config,
+            self.fleet,
+            self.actuator,
+            start,
+            self._catch_up,
+            None if self._activator is None else self._activator.waiting,
+            self.options.autoscale_metrics,
         )
         if self.autoscaling is not None:
             self.at(start, self._autoscale)
@@ -440,6 +455,8 @@ class Simulator:
             verdict = session.admit(self.fleet.view, now)
             if isinstance(verdict, Hold):
                 self._held[session.info.request_id] = (index, request)
+                if self.autoscaling is not None and verdict.reason == "scale_from_zero":
+                    self.autoscaling.activate(now)
                 return
             if not self._admitted(index, request, session, verdict, now):
                 return
