@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -31,6 +32,8 @@ from fleetserve.errors import InputError
 if TYPE_CHECKING:
     from fleetserve.autoscale import GroupScaler
     from fleetserve.autoscale.loop import AutoscaledGroup
+    from fleetserve.autoscale.mix import GpuOption
+    from fleetserve.autoscale.planned import FleetPlanner
     from fleetserve.migration import MigrationController
     from fleetserve.model.catalog import Catalog
     from fleetserve.pipeline import Stage
@@ -98,8 +101,11 @@ AUTOSCALE_METRIC_TARGETS = {  # each metric's default target, per ready replica
 class AutoscaleConfig(_Strict):
     """An engine group sized by an autoscaler (fleetserve.autoscale); AIBrix's semantics and defaults."""
 
-    policy: Literal["kpa", "apa"] = Field(
-        "kpa", description="kpa (Knative/AIBrix, with a panic mode) or apa (AIBrix's proportional one)."
+    policy: Literal["kpa", "apa", "planned"] = Field(
+        "kpa",
+        description="kpa (Knative/AIBrix, with a panic mode), apa (AIBrix's proportional one), or planned"
+        " (the GPU-mix planner over recent traffic sizes every planned group of the model at once; the"
+        " metric settings do not apply).",
     )
     min_replicas: int = Field(
         1,
@@ -136,6 +142,25 @@ class AutoscaleConfig(_Strict):
     ready_timeout_s: float = Field(
         600.0, gt=0, description="A replica still starting after this is stopped and replaced."
     )
+    plan_window_s: float = Field(
+        180.0,
+        gt=0,
+        description="planned: the window of recent traffic the plan carries, and how often it is made"
+        " again (Dynamo's planner: 180 s).",
+    )
+    plan_headroom: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="planned: each replica is planned at this fraction of the rate its profile sustains.",
+    )
+    plan_target: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="planned: the SLO attainment a replica's profiled rate meets (profiles are measured in"
+        " the simulator and cached on disk).",
+    )
     activation_timeout_s: float = Field(
         120.0,
         gt=0,
@@ -155,16 +180,15 @@ class AutoscaleConfig(_Strict):
     def metric_target(self) -> float:
         return AUTOSCALE_METRIC_TARGETS[self.metric] if self.target is None else self.target
 
-    def group(self, group: EngineGroup) -> AutoscaledGroup:
+    def group(self, group: EngineGroup, planner: FleetPlanner | None = None) -> AutoscaledGroup:
         """The group as the fleet's autoscaler runs it, with a fresh scaler (the same object for the
-        gateway and the simulator)."""
+        gateway and the simulator); `planner`: its model's, for the planned policy."""
         from fleetserve.autoscale.loop import AutoscaledGroup
 
-        return AutoscaledGroup(
-            group.name, group.model, self.metric, self.interval_s, self.scaler(group.name), group.replicas
-        )
+        scaler = self.scaler(group.name, planner)
+        return AutoscaledGroup(group.name, group.model, self.metric, self.interval_s, scaler, group.replicas)
 
-    def scaler(self, group: str) -> GroupScaler:
+    def scaler(self, group: str, planner: FleetPlanner | None = None) -> GroupScaler:
         """The group's scaler: the same object for the gateway and the simulator."""
         from fleetserve.autoscale import GroupScaler, build_autoscaler
 
@@ -177,6 +201,8 @@ class AutoscaleConfig(_Strict):
         }
         if self.policy == "kpa":
             params |= {"panic_window_s": self.panic_window_s, "panic_threshold": self.panic_threshold}
+        if self.policy == "planned":
+            params["planner"] = planner
         autoscaler = build_autoscaler(self.policy, self.metric_target, **params)
         return GroupScaler(group, autoscaler, self.min_replicas, self.max_replicas, self.ready_timeout_s)
 
@@ -286,6 +312,8 @@ class EngineGroup(_Strict):
         if scale is not None:
             if not kind.launched:
                 raise ValueError(f"an {self.kind} engine cannot be autoscaled: fleetserve does not start it")
+            if scale.policy == "planned" and not self.gpu:
+                raise ValueError("a planned group needs a gpu: the plan sizes it by the GPU's profile")
             if not scale.min_replicas <= self.replicas <= scale.max_replicas:
                 raise ValueError(
                     f"replicas ({self.replicas}) must be within autoscale.min_replicas ({scale.min_replicas})"
@@ -694,9 +722,43 @@ class FleetConfig(_Strict):
                 timeouts[group.model] = max(timeouts.get(group.model, 0.0), scale.activation_timeout_s)
         return timeouts
 
-    def autoscaled_groups(self) -> list[AutoscaledGroup]:
-        """Every group with an `autoscale:` block, with fresh scalers."""
-        return [group.autoscale.group(group) for group in self.engines if group.autoscale is not None]
+    def planned_groups(self) -> list[EngineGroup]:
+        """The groups the `planned` autoscaler sizes."""
+        return [g for g in self.engines if g.autoscale is not None and g.autoscale.policy == "planned"]
+
+    def autoscaled_groups(
+        self, planned_options: Mapping[str, GpuOption] | None = None, start: float = 0.0
+    ) -> list[AutoscaledGroup]:
+        """Every group with an `autoscale:` block, with fresh scalers. `planned_options`: each planned
+        group's GPU option (price and profiled capacity per length bucket: `sim.profiles`), needed when
+        a group is planned; one planner per model sizes its planned groups, from `start`."""
+        from fleetserve.autoscale.planned import FleetPlanner, PlannedGroup, planned_group
+
+        by_model: dict[str, list[tuple[PlannedGroup, AutoscaleConfig]]] = {}
+        for group in self.planned_groups():
+            scale = group.autoscale
+            assert scale is not None
+            if planned_options is None or group.name not in planned_options:
+                raise InputError(f"group {group.name} is planned, and no GPU profile was given for it")
+            option = planned_group(
+                group.name, planned_options[group.name], scale.min_replicas, scale.max_replicas
+            )
+            by_model.setdefault(group.model, []).append((option, scale))
+        planners = {  # the model's first planned group's plan settings apply to the model's plan
+            model: FleetPlanner(
+                model,
+                [entry for entry, _ in entries],
+                window_s=entries[0][1].plan_window_s,
+                headroom=entries[0][1].plan_headroom,
+                start=start,
+            )
+            for model, entries in by_model.items()
+        }
+        return [
+            group.autoscale.group(group, planners.get(group.model))
+            for group in self.engines
+            if group.autoscale is not None
+        ]
 
     def model_tokenizers(self) -> dict[str, str]:
         """model -> the tokenizer.json the fleet file names for it (on any of its lines)."""

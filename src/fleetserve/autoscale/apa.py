@@ -19,9 +19,9 @@ class APA(Autoscaler):
     def desired(self, group: GroupStatus, window: MetricWindow, now: float) -> Decision:
         total = window.mean(now, self.stable_window_s)
         if total is None:
-            return Decision(group.replicas, "no_metric")
+            return self._hold(group, "no_metric")
         observed = total / max(group.ready, 1)
         if self._within_tolerance(observed):
-            return Decision(group.replicas, "tolerance", observed)
+            return self._hold(group, "tolerance", observed)
         wanted = math.ceil(max(group.replicas, 1) * observed / self.target)
         return self._limited(group, wanted, "scale", observed, now)

@@ -74,5 +74,11 @@ class Autoscaler(ABC):
             self._last_scale_up = now
         return Decision(bounded, reason, observed)
 
+    def _hold(self, group: GroupStatus, reason: str, observed: float | None = None) -> Decision:
+        """Keep the group's size (within tolerance, or nothing to read), brought within its bounds (which
+        the fleet file may have changed)."""
+        bounded = min(max(group.replicas, group.min_replicas), group.max_replicas)
+        return Decision(bounded, reason if bounded == group.replicas else "bounds", observed)
+
     def _within_tolerance(self, observed: float) -> bool:
         return abs(observed / self.target - 1.0) <= self.tolerance

@@ -32,7 +32,7 @@ class KPA(Autoscaler):
         stable = window.mean(now, self.stable_window_s)
         panic = window.mean(now, self.panic_window_s)
         if stable is None or panic is None:
-            return Decision(group.replicas, "no_metric")
+            return self._hold(group, "no_metric")
         if (stable <= 0 < panic) or (stable > 0 and panic / stable > self.panic_threshold):
             self._panic_since = now
         elif self._panic_since is not None and now - self._panic_since >= self.stable_window_s:
@@ -44,5 +44,5 @@ class KPA(Autoscaler):
             self._high_water = max(self._high_water, decision.replicas)
             return decision
         if group.replicas and self._within_tolerance(stable / group.replicas):
-            return Decision(group.replicas, "tolerance", stable)
+            return self._hold(group, "tolerance", stable)
         return self._limited(group, math.ceil(stable / self.target), "scale", stable, now)

@@ -17,9 +17,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from fleetserve.autoscale.mix import MixPlan
+from fleetserve.autoscale.planned import FleetPlanner, PlannedAutoscaler
 from fleetserve.autoscale.scaler import GroupScaler, Replica, ReplicaState, ScaleActions
 from fleetserve.control.actuator import CannotStart, EngineChange, EngineEvent, FleetActuator
 from fleetserve.control.members import FleetMembers
+from fleetserve.routing.base import RequestInfo
 
 # What an engine reports for each autoscaling metric; `tokens_per_s` is computed here from the engine's
 # cumulative output tokens, so both clocks compute it alike.
@@ -120,8 +123,11 @@ class FleetAutoscaler:
         start: float,
         demand: Callable[[str], int] | None = None,
         keep_events: int | None = None,
+        routes_to: Callable[[dict[str, dict[str, float]]], None] | None = None,
     ) -> None:
-        """`keep_events`: how many scale events to keep (the newest); None: all of them."""
+        """`keep_events`: how many scale events to keep (the newest); None: all of them. `routes_to`
+        receives the planned groups' routes (bucket -> GPU type -> requests/s) after each new plan: the
+        `planned` routing policy's `set_routes`, when that policy routes."""
         self.groups = {group.name: group for group in groups}
         self.actuator = actuator
         self.members = members
@@ -134,7 +140,21 @@ class FleetAutoscaler:
         self.never_ready = 0
         self.last: dict[str, ScaleActions] = {}  # group -> its last round's answer
         self._next_round = dict.fromkeys(self.groups, start)
+        self.planners: dict[str, FleetPlanner] = {}  # model -> the planner of its planned groups
+        for group in groups:
+            autoscaler = group.scaler.autoscaler
+            if isinstance(autoscaler, PlannedAutoscaler) and autoscaler.planner is not None:
+                self.planners[group.model] = autoscaler.planner
+        self._routes_to = routes_to
+        self._plans_seen: dict[str, MixPlan | None] = {}
         actuator.subscribe(self._changed)
+
+    def arrived(self, request: RequestInfo) -> None:
+        """A request arrived: the traffic window of its model's planned groups (observe the request
+        path with this when `planners` is not empty)."""
+        planner = self.planners.get(request.model)
+        if planner is not None:
+            planner.arrived(request.prompt_len, request.max_output_tokens, request.arrival_time)
 
     def _changed(self, change: EngineChange) -> None:
         """A replica that died before it was ready is never ready too: counted, and replaced by the
@@ -157,20 +177,47 @@ class FleetAutoscaler:
             if event is not None:
                 events.append(event)
         self.events.extend(events)
+        self._share_routes()
         return events
+
+    def _share_routes(self) -> None:
+        plans = {model: planner.plan for model, planner in self.planners.items()}
+        if self._routes_to is None or plans == self._plans_seen:
+            return
+        self._plans_seen = plans
+        routes: dict[str, dict[str, float]] = {}
+        for plan in plans.values():
+            for bucket, row in ({} if plan is None else plan.routes).items():
+                merged = routes.setdefault(bucket, {})
+                for option, rate in row.items():
+                    merged[option] = merged.get(option, 0.0) + rate
+        self._routes_to(routes)
 
     def activate(self, now: float) -> list[ScaleEvent]:
         """Groups at zero whose model has requests waiting: their round now, not at its interval."""
         if self.demand is None:
             return []
         due = [
-            name
-            for name, group in self.groups.items()
-            if not self._live(name) and self.demand(group.model) > 0
+            self._first_of(model)
+            for model in {group.model for group in self.groups.values()}
+            if self._idle(model) and self.demand(model) > 0
         ]
         for name in due:
             self._next_round[name] = now
         return self.run(now) if due else []
+
+    def _first_of(self, model: str) -> str:
+        """The group of `model` a replica is started in when it has none: the first in the fleet file."""
+        return next(name for name, group in self.groups.items() if group.model == model)
+
+    def _idle(self, model: str) -> bool:
+        """No group of `model` has a replica, ready or starting."""
+        return not any(
+            member.state is not EngineEvent.DRAINING
+            for name, group in self.groups.items()
+            if group.model == model
+            for member in self.members.of_group(name)
+        )
 
     def _live(self, group: str) -> list[Replica]:
         return [
@@ -189,7 +236,10 @@ class FleetAutoscaler:
         total = self.source.group_total(group, ready, now)
         if total is not None:
             group.scaler.observe(now, total)
-        waiting = 0 if self.demand is None else self.demand(group.model)
+        # requests waiting for a replica start one in the model's first group, and only when the model
+        # has none anywhere
+        activates = self.demand is not None and self._first_of(group.model) == group.name
+        waiting = self.demand(group.model) if activates and self._idle(group.model) else 0  # type: ignore[misc]
         actions = group.scaler.step(replicas, now, waiting_for_replica=waiting)
         self.last[group.name] = actions
         for engine_id in (*actions.never_ready, *actions.stop):
@@ -230,5 +280,15 @@ class FleetAutoscaler:
             },
             "cold_starts": self.cold_starts,
             "never_ready": self.never_ready,
+            "plans": {
+                model: {
+                    "replicas": planner.plan.replicas,
+                    "usd_per_hour": round(planner.plan.usd_per_hour, 4),
+                    "demand_rps": round(planner.demand_rps, 4),
+                    "notes": planner.notes,
+                }
+                for model, planner in self.planners.items()
+                if planner.plan is not None
+            },
             "scale_events": [event.record(self.start) for event in self.events],
         }

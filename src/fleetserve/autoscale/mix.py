@@ -73,6 +73,14 @@ class LengthBuckets:
         o = bisect.bisect_right(self.output_edges, output_length)
         return Bucket(*_bounds(self.input_edges, i), *_bounds(self.output_edges, o))
 
+    def all(self) -> list[Bucket]:
+        """Every bucket of the grid, row by row."""
+        return [
+            Bucket(*_bounds(self.input_edges, i), *_bounds(self.output_edges, o))
+            for i in range(len(self.input_edges) + 1)
+            for o in range(len(self.output_edges) + 1)
+        ]
+
     def input_bucket_keys(self, input_length: int) -> list[str]:
         """Every bucket of the input length's row, whatever the output."""
         row = self._row(input_length)

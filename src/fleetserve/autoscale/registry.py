@@ -7,9 +7,10 @@ from typing import Any
 from fleetserve.autoscale.apa import APA
 from fleetserve.autoscale.base import Autoscaler
 from fleetserve.autoscale.kpa import KPA
+from fleetserve.autoscale.planned import PlannedAutoscaler
 from fleetserve.errors import InputError
 
-AUTOSCALERS: dict[str, type[Autoscaler]] = {"kpa": KPA, "apa": APA}
+AUTOSCALERS: dict[str, type[Autoscaler]] = {"kpa": KPA, "apa": APA, "planned": PlannedAutoscaler}
 
 
 def build_autoscaler(policy: str, target: float, **params: Any) -> Autoscaler:

@@ -11,7 +11,15 @@ import click
 import yaml
 
 from fleetserve.cli.console import make_console
-from fleetserve.cli.sim import _json_option, _load, _split, _user_errors, _write_json
+from fleetserve.cli.sim import (
+    _json_option,
+    _load,
+    _split,
+    _user_errors,
+    _write_json,
+    profile_store,
+    profiles_option,
+)
 from fleetserve.config import FleetConfig
 
 
@@ -48,12 +56,7 @@ from fleetserve.config import FleetConfig
     show_default=True,
     help="Also size each GPU type alone (the homogeneous fleets the savings are against).",
 )
-@click.option(
-    "--profiles",
-    "profile_dir",
-    type=click.Path(file_okay=False),
-    help="Directory of cached GPU profiles [default: $XDG_CACHE_HOME/fleetserve/profiles].",
-)
+@profiles_option
 @click.option("--no-profile-cache", is_flag=True, help="Measure every profile and keep none.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for policies that draw.")
 @click.option("-o", "--output", "output_path", type=click.Path(dir_okay=False), required=True,
@@ -87,7 +90,6 @@ def plan(
     sized the same way for comparison.
     """
     from fleetserve.sim.planner import PlanOptions, plan_fleet
-    from fleetserve.sim.profiles import ProfileStore, default_profile_dir
 
     def step(text: str) -> None:
         if not quiet:
@@ -95,9 +97,7 @@ def plan(
 
     with _user_errors():
         config, trace = _load(config_path, trace_path, trace_format, limit)
-        store = ProfileStore(
-            None if no_profile_cache else Path(profile_dir) if profile_dir else default_profile_dir()
-        )
+        store = profile_store(profile_dir, cache=not no_profile_cache)
         result = plan_fleet(
             config, trace, gpus=_split(gpus) or None, rate_rps=rate,
             options=PlanOptions(target=target, slice_factor=slice_factor, max_rounds=max_rounds, seed=seed,

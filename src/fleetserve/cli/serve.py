@@ -15,6 +15,8 @@ import time
 import click
 import uvloop
 
+from fleetserve.autoscale.mix import GpuOption, LengthBuckets
+from fleetserve.cli.sim import profile_store, profiles_option
 from fleetserve.config import ConfigError, FleetConfig, load_fleet
 from fleetserve.control import CannotStart
 from fleetserve.engines.actuator import LocalActuator
@@ -31,6 +33,7 @@ from fleetserve.engines.ray_actuator import RayActuator, connect_ray
 from fleetserve.gateway.app import Gateway
 from fleetserve.gateway.server import run_gateway
 from fleetserve.routing import POLICIES
+from fleetserve.sim.profiles import planned_options
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,7 @@ log = logging.getLogger(__name__)
     " processes on the nodes of the Ray cluster at ADDRESS (its head's host:port, or `auto`) instead of"
     " this machine. Every node needs fleetserve installed and must be reachable from the gateway.",
 )
+@profiles_option
 @click.option(
     "--ready-timeout",
     type=click.FloatRange(min=1),
@@ -70,6 +74,7 @@ def serve(
     engine_base_port: int | None,
     policy: str | None,
     ray_address: str | None,
+    profile_dir: str | None,
     ready_timeout: float,
 ) -> None:
     """Start the gateway (and the engines) a fleet file describes."""
@@ -91,6 +96,7 @@ def serve(
     # SIGTERM (docker stop, systemd) takes Ctrl-C's path, so the engines are stopped in order and the
     # temporary files removed; by default it would end the process as soon as uvicorn re-raised it.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    planned = _planned_profiles(config, profile_dir) if config.planned_groups() and not no_launch else None
     if ray_address is not None:
         if no_launch:
             raise click.ClickException("--ray starts engines on a Ray cluster; --no-launch starts none")
@@ -101,17 +107,44 @@ def serve(
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the SIGINT it handled
         try:
             if ray_address is not None:
-                uvloop.run(_serve_on_ray(config, port=port, policy=policy, timeout=ready_timeout))
+                uvloop.run(
+                    _serve_on_ray(config, port=port, policy=policy, timeout=ready_timeout, planned=planned)
+                )
             else:
                 uvloop.run(
-                    _serve(config, launch=not no_launch, port=port, policy=policy, timeout=ready_timeout)
+                    _serve(
+                        config,
+                        launch=not no_launch,
+                        port=port,
+                        policy=policy,
+                        timeout=ready_timeout,
+                        planned=planned,
+                    )
                 )
         except LaunchError as exc:
             raise click.ClickException(str(exc)) from None
 
 
+def _planned_profiles(config: FleetConfig, profile_dir: str | None) -> dict[str, GpuOption]:
+    """The planned groups' GPU profiles over every length bucket: live traffic may bring any of them
+    (measured in the simulator once, then read from the cache)."""
+    store = profile_store(profile_dir)
+    buckets = LengthBuckets().all()
+    count = len(buckets) * len(config.planned_groups())
+    click.echo(f"profiling the planned groups: {count} profiles (cached in {store.directory})")
+    options = planned_options(config, buckets, store)
+    click.echo(f"profiles: {store.measured} measured, {store.hits} from the cache")
+    return options
+
+
 async def _serve(
-    config: FleetConfig, *, launch: bool, port: int | None, policy: str | None, timeout: float
+    config: FleetConfig,
+    *,
+    launch: bool,
+    port: int | None,
+    policy: str | None,
+    timeout: float,
+    planned: dict[str, GpuOption] | None,
 ) -> None:
     renderers = llamacpp_chat_renderers(config)
     if not launch:
@@ -127,7 +160,7 @@ async def _serve(
     async with launch_engines(config, ready_timeout=timeout) as launched:
         for engine in launched.engines:
             click.echo(describe_launch(config, engine))
-        gateway = Gateway(config, policy=policy, chat_renderers=renderers)
+        gateway = Gateway(config, policy=policy, chat_renderers=renderers, planned_options=planned)
         actuator = LocalActuator(
             config, launched.launcher, gateway, launched.work_dir, launched=launched.engines
         )
@@ -138,11 +171,22 @@ async def _serve(
             await actuator.close()
 
 
-async def _serve_on_ray(config: FleetConfig, *, port: int | None, policy: str | None, timeout: float) -> None:
+async def _serve_on_ray(
+    config: FleetConfig,
+    *,
+    port: int | None,
+    policy: str | None,
+    timeout: float,
+    planned: dict[str, GpuOption] | None,
+) -> None:
     """The gateway here, every launched engine on the Ray cluster: the fleet file's replicas are started
     through the actuator (named GROUP-N) before the first request, and registered as each comes up."""
     gateway = Gateway(
-        config, policy=policy, chat_renderers=llamacpp_chat_renderers(config), actuator_launches=True
+        config,
+        policy=policy,
+        chat_renderers=llamacpp_chat_renderers(config),
+        actuator_launches=True,
+        planned_options=planned,
     )
     actuator = RayActuator(config, gateway, ready_timeout=timeout)
     gateway.use_actuator(actuator)

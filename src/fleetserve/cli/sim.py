@@ -14,6 +14,7 @@ import click
 import orjson
 import yaml
 
+from fleetserve.autoscale.mix import GpuOption, LengthBuckets
 from fleetserve.cli.console import make_console
 from fleetserve.config import FleetConfig, load_fleet
 from fleetserve.control import FleetStep, parse_fleet_script
@@ -22,6 +23,7 @@ from fleetserve.routing import make_policy
 from fleetserve.sim import SimOptions, find_capacity, plan_cells, run_sweep, simulate
 from fleetserve.sim.capacity import Probe
 from fleetserve.sim.metrics import FAILURE_REASONS
+from fleetserve.sim.profiles import ProfileStore, default_profile_dir, planned_options
 from fleetserve.workload import TraceRequest, TransformSpec, apply_transforms, read_trace
 
 
@@ -98,6 +100,32 @@ def _fleet_script(path: str) -> list[FleetStep]:
     if not isinstance(entries, list):
         raise click.ClickException(f"{path}: a fleet script is a YAML list of steps")
     return parse_fleet_script(entries, source=path)
+
+
+def profiles_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--profiles", "profile_dir", type=click.Path(file_okay=False),
+        help="Directory of cached GPU profiles [default: $XDG_CACHE_HOME/fleetserve/profiles].",
+    )(function)  # fmt: skip
+
+
+def profile_store(profile_dir: str | None, cache: bool = True) -> ProfileStore:
+    return ProfileStore(None if not cache else Path(profile_dir) if profile_dir else default_profile_dir())
+
+
+def _planned(
+    config: FleetConfig, trace: list[TraceRequest], profile_dir: str | None, quiet: bool
+) -> dict[str, GpuOption]:
+    """The planned groups' profiles over the length buckets of the trace."""
+    buckets = LengthBuckets()
+    seen = {buckets.bucket_of(r.input_length, max(r.output_length, 1)) for r in trace}
+    store = profile_store(profile_dir)
+    options = planned_options(config, seen, store)
+    if not quiet:
+        click.echo(
+            f"planned groups: {store.measured} profile(s) measured, {store.hits} from the cache", err=True
+        )
+    return options
 
 
 def _options(sync_interval: float | None) -> SimOptions:
@@ -198,6 +226,7 @@ def _tenant_table(per_tenant: dict[str, Any], jain: float) -> Any:
 @click.option("--migration", type=click.Choice(["none", "drain_time", "freeness"]),
               help="Move running requests between engines (default: the fleet file's migration.policy):"
               " drain_time (heterogeneity-aware) or freeness (Llumnix's metric).")  # fmt: skip
+@profiles_option
 @click.pass_context
 def sim(
     ctx: click.Context,
@@ -214,8 +243,12 @@ def sim(
     report_path: str | None,
     script_path: str | None,
     migration: str | None,
+    profile_dir: str | None,
 ) -> None:
-    """Replay a trace against the simulated fleet a fleet file describes."""
+    """Replay a trace against the simulated fleet a fleet file describes.
+
+    Groups autoscaled by `planned` are sized from GPU profiles the simulator measures per length bucket
+    of the trace (cached on disk, see --profiles)."""
     if ctx.invoked_subcommand is not None:
         return
     if config_path is None:
@@ -229,6 +262,10 @@ def sim(
         options = _options(sync_interval)
         if script_path is not None:
             options = dataclasses.replace(options, fleet_script=_fleet_script(script_path))
+        if config.planned_groups():
+            options = dataclasses.replace(
+                options, planned_options=_planned(config, trace, profile_dir, quiet)
+            )
         with _progress(not quiet, "simulating") as progress:
             result = simulate(config, trace, policy, seed, options=options, progress=progress)
     summary = result.summary

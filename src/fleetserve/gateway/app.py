@@ -19,6 +19,7 @@ import aiohttp
 
 from fleetserve.autoscale.activator import ActivatorStage
 from fleetserve.autoscale.loop import MetricSource
+from fleetserve.autoscale.mix import GpuOption
 from fleetserve.config import EngineDescription, FleetConfig
 from fleetserve.control import FleetActuator
 from fleetserve.control.members import FleetMembers
@@ -61,12 +62,15 @@ class Gateway:
         seed: int | None = None,
         chat_renderers: Mapping[str, ChatRenderer] | None = None,
         actuator_launches: bool = False,
+        planned_options: Mapping[str, GpuOption] | None = None,
     ) -> None:
         """`chat_renderers`: model -> its chat template, for models served by llama.cpp engines (a chat
         stream resumes on one of those through the completions API over the rendered conversation).
         `actuator_launches`: the fleet file's launched engines are started by the fleet actuator (on a
-        Ray cluster), which registers each once it runs; only external engines are registered now."""
+        Ray cluster), which registers each once it runs; only external engines are registered now.
+        `planned_options`: each `planned` group's GPU profile (`sim.profiles.planned_options`)."""
         self.config = config
+        self._planned_options = planned_options
         router = config.router
         if policy is not None and policy != router.policy:
             router = router.model_copy(update={"policy": policy, "params": {}})
@@ -187,14 +191,13 @@ class Gateway:
         scripted one)."""
         self.actuator = actuator
         actuator.subscribe(self.members.record)
-        groups = self.config.autoscaled_groups()
-        if not groups:
+        if not any(group.autoscale is not None for group in self.config.engines):
             return
         activator = next(
             (stage for stage in self.dispatcher.path.stages if isinstance(stage, ActivatorStage)), None
         )
         self.autoscaling = LiveAutoscaling(
-            groups,
+            self.config.autoscaled_groups(self._planned_options, time.monotonic()),
             actuator,
             self.members,
             self.registry,
@@ -202,6 +205,7 @@ class Gateway:
             self.metrics,
             demand=None if activator is None else activator.waiting,
             source=metric_source,
+            path=self.dispatcher.path,
         )
         self.dispatcher.on_waiting_for_replica = self.autoscaling.activate
         if self._session is not None:  # started already

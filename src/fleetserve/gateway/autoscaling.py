@@ -31,6 +31,8 @@ from fleetserve.control.members import FleetMembers
 from fleetserve.fleet.registry import EngineRegistry
 from fleetserve.fleet.view import ViewBuilder
 from fleetserve.gateway.metrics import GatewayMetrics
+from fleetserve.pipeline import RequestPath
+from fleetserve.routing.planned import PlannedPolicy
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,7 @@ class LiveAutoscaling:
         *,
         demand: Callable[[str], int] | None = None,
         source: MetricSource | None = None,
+        path: RequestPath | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`source` replaces the engines' metrics (a scripted one, to replay a simulated run's)."""
@@ -94,7 +97,12 @@ class LiveAutoscaling:
             clock(),
             demand,
             keep_events=RECENT_EVENTS,
+            routes_to=None
+            if path is None or not isinstance(path.policy, PlannedPolicy)
+            else path.policy.set_routes,
         )
+        if path is not None and self.autoscaler.planners:
+            path.observe(self.autoscaler.arrived)
         self._metrics = metrics
         self._wake = asyncio.Event()
         for group in groups:

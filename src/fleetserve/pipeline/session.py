@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from fleetserve.errors import FleetserveError, InternalError
 from fleetserve.pipeline.stage import PROCEED, Hold, Outcome, Proceed, Refuse, Stage, Verdict
@@ -57,6 +57,7 @@ class RequestPath:
         self.stages = tuple(stages)
         self.ttft_slo_ms = ttft_slo_ms
         self.tpot_slo_ms = tpot_slo_ms
+        self._observers: tuple[Callable[[RequestInfo], None], ...] = ()
         self._held: dict[str, RequestSession] = {}
         self._deadlines: list[tuple[float, int, str]] = []  # (until, order, request id), lazily pruned
         self._hold_order = 0
@@ -91,7 +92,13 @@ class RequestPath:
             tpot_slo_ms=self.tpot_slo_ms,
             arrival_time=arrival,
         )
+        for observer in self._observers:
+            observer(info)
         return RequestSession(self, info, policy or self.policy)
+
+    def observe(self, observer: Callable[[RequestInfo], None]) -> None:
+        """Call `observer` with every request opened from now on (what a planner counts as traffic)."""
+        self._observers = (*self._observers, observer)
 
     @property
     def held(self) -> int:

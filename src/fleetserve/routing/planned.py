@@ -51,6 +51,11 @@ class PlannedPolicy(Policy):
         self._turns: dict[str, dict[str, float]] = {}  # bucket key -> type -> smooth WRR credit
         self._rng = random.Random(seed)
 
+    def set_routes(self, routes: Mapping[str, Mapping[str, float]]) -> None:
+        """A new plan's table (the `planned` autoscaler's, re-planned over recent traffic)."""
+        self.routes = _rates("routes", routes)
+        self._turns.clear()
+
     def choose(self, request: RequestInfo, view: FleetView, now: float) -> Decision:
         candidates = require_candidates(request, view)
         by_type: dict[str, list[EngineView]] = {}

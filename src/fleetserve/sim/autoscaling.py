@@ -4,7 +4,7 @@ after their cold start, shed ones drain (their requests finish) or, still starti
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from fleetserve.autoscale.loop import (
     TYPICAL_PROMPT_TOKENS,
@@ -12,9 +12,13 @@ from fleetserve.autoscale.loop import (
     FleetAutoscaler,
     MetricSource,
 )
+from fleetserve.autoscale.mix import GpuOption
 from fleetserve.config import FleetConfig
 from fleetserve.control import FleetActuator
 from fleetserve.control.members import FleetMembers
+from fleetserve.pipeline import RequestPath
+from fleetserve.routing.planned import PlannedPolicy
+from fleetserve.sim.errors import SimInputError
 from fleetserve.sim.fleet import SimEngine, SimFleet
 
 
@@ -54,14 +58,22 @@ def sim_autoscaler(
     config: FleetConfig,
     fleet: SimFleet,
     actuator: FleetActuator,
+    path: RequestPath,
     start: float,
     current: Callable[[SimEngine, float], None],
     demand: Callable[[str], int] | None = None,
     source: MetricSource | None = None,
+    planned_options: Mapping[str, GpuOption] | None = None,
 ) -> FleetAutoscaler | None:
     """The run's autoscaler, None when no group autoscales. `current` brings an engine model up to `now`
-    before its metrics are read; `source` replaces the engine models' metrics (a scripted one, say)."""
-    groups = config.autoscaled_groups()
+    before its metrics are read; `source` replaces the engine models' metrics (a scripted one, say);
+    `planned_options`: the planned groups' profiles (`sim.profiles.planned_options`)."""
+    if config.planned_groups() and planned_options is None:
+        raise SimInputError(
+            "planned autoscaling needs each planned group's GPU profile: `fleetserve sim` measures them;"
+            " from Python, pass SimOptions(planned_options=sim.profiles.planned_options(...))"
+        )
+    groups = config.autoscaled_groups(planned_options, start)
     if not groups:
         return None
     members = FleetMembers()
@@ -69,7 +81,7 @@ def sim_autoscaler(
         members.adopt(engine.engine_id, engine.group.name, start)
     actuator.subscribe(members.record)
     readings = SimReadings(fleet, current)
-    return FleetAutoscaler(
+    autoscaler = FleetAutoscaler(
         groups,
         actuator,
         members,
@@ -77,4 +89,8 @@ def sim_autoscaler(
         readings,
         start,
         demand,
+        routes_to=path.policy.set_routes if isinstance(path.policy, PlannedPolicy) else None,
     )
+    if autoscaler.planners:
+        path.observe(autoscaler.arrived)
+    return autoscaler

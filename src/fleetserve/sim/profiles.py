@@ -26,13 +26,13 @@ import json
 import math
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fleetserve import __version__
-from fleetserve.autoscale.mix import Bucket, option_name
+from fleetserve.autoscale.mix import Bucket, GpuOption, option_name
 from fleetserve.config import EngineGroup, FleetConfig, RouterConfig, SLOConfig
 from fleetserve.model.catalog import Catalog, default_catalog
 from fleetserve.sim.capacity import bracket_rate
@@ -162,6 +162,30 @@ def measure(request: ProfileRequest, catalog: Catalog) -> dict[str, Any]:
         meets, 1.0, tolerance=PROFILE_TOLERANCE, max_probes=MAX_PROBES, lowest=MIN_RATE, highest=MAX_RATE
     )
     return {"capacity_rps": low or 0.0, "probes": [[r, round(a, 4)] for r, a in probes]}
+
+
+def planned_options(
+    config: FleetConfig,
+    buckets: Iterable[Bucket],
+    store: ProfileStore,
+    catalog: Catalog | None = None,
+    on_measured: Callable[[ProfileRequest, float, bool], None] | None = None,
+) -> dict[str, GpuOption]:
+    """Group name -> its GPU option (price, profiled capacity per bucket), for every group the `planned`
+    autoscaler sizes: what `FleetConfig.autoscaled_groups` needs for them."""
+    catalog = catalog or default_catalog()
+    wanted = list(buckets)
+    options: dict[str, GpuOption] = {}
+    for group in config.planned_groups():  # one at a time: groups of two models may share a GPU type
+        assert group.autoscale is not None
+        target = group.autoscale.plan_target
+        requests = [ProfileRequest(group, bucket, config.slo, target) for bucket in wanted]
+        name = option_name(group.gpu or "", group.tp)
+        capacities = profile_capacities(requests, store, catalog, on_measured).get(name, {})
+        options[group.name] = GpuOption(
+            name, catalog.gpu(group.gpu or "").usd_per_hour * group.tp, capacities
+        )
+    return options
 
 
 def profile_capacities(

@@ -22,12 +22,13 @@ import heapq
 import itertools
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
 
 from fleetserve.autoscale.activator import ActivatorStage
 from fleetserve.autoscale.loop import FleetAutoscaler, MetricSource
+from fleetserve.autoscale.mix import GpuOption
 from fleetserve.config import FleetConfig
 from fleetserve.control import EngineEvent, FleetStep
 from fleetserve.migration import Move, engine_load
@@ -66,6 +67,9 @@ class SimOptions:
     # where autoscaled groups' metrics come from instead of the engine models (a scripted source, to
     # replay the metrics a live run saw)
     autoscale_metrics: MetricSource | None = None
+    # each `planned` group's GPU option, with its profiled capacity per length bucket
+    # (`sim.profiles.planned_options`); needed when a group's autoscaler is planned
+    planned_options: Mapping[str, GpuOption] | None = None
 
 
 class _Live:
@@ -206,10 +210,12 @@ class Simulator:
             self.config,
             self.fleet,
             self.actuator,
+            self.path,
             start,
             self._catch_up,
             None if self._activator is None else self._activator.waiting,
             self.options.autoscale_metrics,
+            self.options.planned_options,
         )
         if self.autoscaling is not None:
             self.at(start, self._autoscale)
