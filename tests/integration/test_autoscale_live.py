@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -226,3 +227,46 @@ def test_the_live_gateway_and_the_twin_scale_alike_on_the_same_scripted_metric()
     result = simulate(fleet, trace, options=SimOptions(autoscale_metrics=ScriptedTotals(SCRIPT)))
     twin = [(e["from"], e["to"], e["reason"]) for e in result.summary["scale_events"]]
     assert live == twin == [(1, 2, "scale"), (2, 4, "scale"), (4, 2, "scale"), (2, 1, "scale")]
+
+
+def test_serve_sizes_a_planned_group_by_its_traffic_and_routes_by_the_plan(tmp_path: Path) -> None:
+    """A planned group on the live fleet: serve measures its profiles first, the first plan (after a
+    window of traffic) sizes it for the load and gives the `planned` policy its routes, and the plan
+    after the load has gone shrinks it again."""
+    planned = {
+        "policy": "planned",
+        "min_replicas": 1,
+        "max_replicas": 3,
+        "interval_s": 0.5,
+        "plan_window_s": 4,
+    }
+    group = {"name": "l4", "gpu": "l4", "model": "llama-3-8b", "autoscale": planned}
+    fleet = _fleet([group], router={"policy": "planned", "debug_header": True})
+    serve = Serve(tmp_path, fleet, "--profiles", str(tmp_path / "profiles"))
+    url = f"http://127.0.0.1:{fleet['gateway']['port']}"
+    admin = f"http://127.0.0.1:{fleet['gateway']['admin_port']}"
+    try:
+        wait_until(lambda: answers(url + "/ready"), timeout=120, message=serve.output())
+        assert "profiles: 36 measured, 0 from the cache" in serve.output()
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+        def ask(index: int) -> str:
+            raw = client.completions.with_raw_response.create(
+                model="llama-3-8b", prompt=f"{index} " * 60, max_tokens=64, extra_body={"ignore_eos": True}
+            )
+            raw.parse()
+            return raw.headers["x-fleetserve-route"].split(";")[1]
+
+        # an open loop, 24 requests a second for 10 s: twice one L4's profiled rate for this bucket
+        with concurrent.futures.ThreadPoolExecutor(128) as pool:
+            sent = []
+            for index in range(240):
+                sent.append(pool.submit(ask, index))
+                time.sleep(1 / 24)  # the load's pace, not a synchronisation
+            reasons = [future.result() for future in sent]
+        grew = [e for e in _events(admin) if e["reason"] == "planned" and e["to"] > e["from"]]
+        assert grew and grew[0]["to"] >= 2 and grew[0]["observed"] > 10, serve.output()  # req/s planned for
+        assert "unplanned" in reasons[:8] and "planned" in reasons[-8:]  # routes once a plan exists
+        wait_until(lambda: len(_states(admin, "l4")) == 1, timeout=60, message="shrunk:\n" + serve.output())
+    finally:
+        serve.kill()

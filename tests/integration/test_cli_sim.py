@@ -152,3 +152,25 @@ def test_an_autoscaled_group_follows_a_diurnal_day(tmp_path: Path) -> None:
     sizes = [event["to"] for event in summary["scale_events"]]
     # up towards the peak at 600 s, down again after it
     assert max(sizes) >= 3 and sizes[-1] < max(sizes) and summary["cold_starts"] >= max(sizes) - 1
+
+
+def test_the_example_autoscaled_fleet_runs_its_planned_groups_in_the_twin(tmp_path: Path) -> None:
+    """examples/autoscaled-fleet.yaml through `sim`: its profiles measured once (then read from
+    --profiles), the planned groups sized by the plan."""
+    trace, out = tmp_path / "day.jsonl", tmp_path / "out.json"
+    generate = [str(FLEETSERVE), "workload", "gen", "--rate", "3", "--duration", "900", "--diurnal", "4"]
+    generate += ["--period", "900", "--input", "fixed:300", "--output", "fixed:100", "-o", str(trace)]
+    subprocess.run(generate, check=True, capture_output=True)
+    example = Path(__file__).parents[2] / "examples" / "autoscaled-fleet.yaml"
+    sim = [str(FLEETSERVE), "sim", "-c", str(example), "--trace", str(trace), "--json", str(out)]
+    sim += ["--profiles", str(tmp_path / "profiles")]
+    first = subprocess.run(sim, check=True, capture_output=True, text=True)
+    assert "planned groups: 2 profile(s) measured, 0 from the cache" in first.stderr
+    summary = json.loads(out.read_text())
+    assert summary["failed"] == 0
+    assert summary["autoscale"]["l4"]["policy"] == summary["autoscale"]["h100"]["policy"] == "planned"
+    plan = summary["plans"]["llama-3-8b"]
+    assert plan["replicas"]["l4"] >= 1 and plan["replicas"]["h100-80g"] == 0  # chat: L4s are cheaper
+    assert {event["reason"] for event in summary["scale_events"]} <= {"planned", "scale", "tolerance"}
+    again = subprocess.run(sim, check=True, capture_output=True, text=True)
+    assert "planned groups: 0 profile(s) measured, 2 from the cache" in again.stderr

@@ -184,6 +184,15 @@ def _print_summary(summary: dict[str, Any]) -> None:
     table.add_row("prefix hit rate", f"{summary['prefix_hit_rate']:.1%}")
     table.add_row("preemptions", str(summary["preemptions"]))
     table.add_row("cost", f"${summary['cost_usd']:.2f} over {summary['duration_s']:.1f} s simulated")
+    if "scale_events" in summary:
+        table.add_row(
+            "autoscaling",
+            f"{len(summary['scale_events'])} scale events, {summary['cold_starts']} cold starts,"
+            f" {summary['never_ready']} never ready; {summary['gpu_hours']:.2f} GPU-hours",
+        )
+        for model, plan in summary.get("plans", {}).items():
+            counts = ", ".join(f"{count} x {name}" for name, count in plan["replicas"].items())
+            table.add_row(f"  last plan, {model}", f"{counts} (${plan['usd_per_hour']:.2f}/h)")
     table.add_row("speed", f"{summary['sim_requests_per_s']:.0f} requests/s in {summary['wall_s']:.2f} s")
     console = make_console()
     console.print(table)
