@@ -134,7 +134,7 @@ def main() -> None:
         "",
         "| side | requests | failed | TTFT p50 (ms) | TTFT p99 (ms) | peak replicas | scale events |",
         "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
-        f"| live | {report['requests']} | {report['failed']} | {report['ttft_ms']['p50']:.0f}"
+        f"| live | {report['sent']} | {report['failed']} | {report['ttft_ms']['median']:.0f}"
         f" | {report['ttft_ms']['p99']:.0f} | {max((r + s for _, r, s in samples), default=1)}"
         f" | {_events(live_events)} |",
         f"| twin | {twin['requests']} | {twin['failed']} | {twin['ttft_ms']['p50']:.0f}"
