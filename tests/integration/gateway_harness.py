@@ -225,6 +225,29 @@ class Serve:
         self.popen.wait(timeout=10)
 
 
+def fleet_with_admin(engines: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """A fleet file (as a dict) for `engines` with the gateway, its admin API and the emulated engines
+    on free ports, probing health every 0.2 s; `extra` adds or replaces top-level keys."""
+    return {
+        "engines": engines,
+        "emulator": {"base_port": free_ports(4)},
+        "gateway": {"port": free_port(), "health_interval_s": 0.2, "admin_port": free_port()},
+        **extra,
+    }
+
+
+def start_serve(
+    tmp_path: Path, fleet: dict[str, Any], *args: str, ready_path: str = "/ready"
+) -> tuple[Serve, str, str]:
+    """`fleetserve serve` on `fleet` (see `fleet_with_admin`), once `ready_path` answers: the process,
+    the gateway's URL and the admin API's."""
+    serve = Serve(tmp_path, fleet, *args)
+    url = f"http://127.0.0.1:{fleet['gateway']['port']}"
+    admin = f"http://127.0.0.1:{fleet['gateway']['admin_port']}"
+    wait_until(lambda: answers(url + ready_path), timeout=120, message="gateway up:\n" + serve.output())
+    return serve, url, admin
+
+
 @contextlib.contextmanager
 def emulated_gateway(tmp_path: Path, group: dict[str, Any]) -> Iterator[str]:
     """`fleetserve serve` over `group["replicas"]` emulated engines of one group on free ports; yields the

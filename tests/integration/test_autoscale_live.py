@@ -15,8 +15,8 @@ from typing import Any
 
 import openai
 import pytest
-from tests.helpers import free_port, free_ports, wait_until
-from tests.integration.gateway_harness import Process, Serve, answers, get_json, metric_value
+from tests.helpers import free_ports, wait_until
+from tests.integration.gateway_harness import Process, fleet_with_admin, get_json, metric_value, start_serve
 
 from fleetserve.autoscale.loop import AutoscaledGroup
 from fleetserve.config import FleetConfig
@@ -26,24 +26,7 @@ from fleetserve.gateway.app import Gateway
 from fleetserve.sim import SimOptions, simulate
 from fleetserve.workload import TraceRequest
 
-FAST = {"interval_s": 0.5, "stable_window_s": 4, "panic_window_s": 2, "scale_down_cooldown_s": 3}
-
-
-def _fleet(engines: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    return {
-        "engines": engines,
-        "emulator": {"base_port": free_ports(4)},
-        "gateway": {"port": free_port(), "health_interval_s": 0.2, "admin_port": free_port()},
-        **extra,
-    }
-
-
-def _start(tmp_path: Path, fleet: dict[str, Any]) -> tuple[Serve, str, str]:
-    serve = Serve(tmp_path, fleet)
-    url = f"http://127.0.0.1:{fleet['gateway']['port']}"
-    admin = f"http://127.0.0.1:{fleet['gateway']['admin_port']}"
-    wait_until(lambda: answers(url + "/health"), timeout=60, message="gateway up:\n" + serve.output())
-    return serve, url, admin
+FAST = {"interval_s": 0.5, "stable_window_s": 3, "panic_window_s": 1.5, "scale_down_cooldown_s": 2}
 
 
 def _states(admin: str, group: str) -> dict[str, str]:
@@ -61,16 +44,15 @@ def test_a_burst_through_serve_adds_engines_and_the_quiet_after_it_removes_them(
         "model": "llama-3-8b",
         "autoscale": {"policy": "kpa", "max_replicas": 3, "target": 4, **FAST},
     }
-    serve, url, admin = _start(tmp_path, _fleet([group]))
+    serve, url, admin = start_serve(tmp_path, fleet_with_admin([group]))
     try:
-        wait_until(lambda: answers(url + "/ready"), timeout=60, message=serve.output())
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
         def ask(index: int) -> int:
             stream = client.chat.completions.create(
                 model="llama-3-8b",
                 messages=[{"role": "user", "content": f"request {index}: tell me about the sea"}],
-                max_tokens=120,
+                max_tokens=80,
                 stream=True,
                 stream_options={"include_usage": True},
                 extra_body={"ignore_eos": True},
@@ -78,9 +60,9 @@ def test_a_burst_through_serve_adds_engines_and_the_quiet_after_it_removes_them(
             return [chunk.usage for chunk in stream if chunk.usage][-1].completion_tokens
 
         with concurrent.futures.ThreadPoolExecutor(32) as pool:
-            answers_ = list(pool.map(ask, range(96)))
+            answers_ = list(pool.map(ask, range(64)))
             peak = len(_states(admin, "l4"))
-        assert answers_ == [120] * 96  # every request answered in full, through every scale event
+        assert answers_ == [80] * 64  # every request answered in full, through every scale event
         assert peak >= 2
         ups = [e for e in _events(admin) if e["to"] > e["from"]]
         assert ups and ups[0]["reason"] in ("scale", "panic", "bounds")
@@ -93,7 +75,7 @@ def test_a_burst_through_serve_adds_engines_and_the_quiet_after_it_removes_them(
         assert metric_value(gateway, "fleetserve_engines", group="l4", state="ready") == 1
         assert metric_value(gateway, "fleetserve_autoscale_desired_replicas", group="l4") == 1
         assert metric_value(gateway, "fleetserve_autoscale_decisions_total", group="l4", direction="up")
-        assert metric_value(gateway, "fleetserve_gateway_requests_total", status="200") == 96
+        assert metric_value(gateway, "fleetserve_gateway_requests_total", status="200") == 64
         assert "autoscale l4: 1 -> " in serve.output()  # each decision is logged with its inputs
         # the replicas the quiet removed were drained and stopped: only the fleet file's one runs
         wait_until(lambda: len(serve.descendants()) <= 3, timeout=30, message="scaled-in processes stopped")
@@ -113,7 +95,7 @@ def test_a_group_at_zero_starts_a_replica_for_the_first_request_and_returns_to_z
             "autoscale": {**scaled, "activation_timeout_s": 0.05},
         },
     ]
-    serve, url, admin = _start(tmp_path, _fleet(groups))
+    serve, url, admin = start_serve(tmp_path, fleet_with_admin(groups), ready_path="/health")
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
         assert {model.id for model in client.models.list()} == {"llama-3-8b", "qwen2.5-7b"}
@@ -149,10 +131,10 @@ def test_a_replica_that_dies_before_it_is_ready_is_counted_and_replaced(tmp_path
             "kind": "llamacpp",
             "model": str(broken),
             "replicas": 0,
-            "autoscale": {"min_replicas": 0, "max_replicas": 1, **FAST, "activation_timeout_s": 8},
+            "autoscale": {"min_replicas": 0, "max_replicas": 1, **FAST, "activation_timeout_s": 5},
         },
     ]
-    serve, url, admin = _start(tmp_path, _fleet(groups))
+    serve, url, admin = start_serve(tmp_path, fleet_with_admin(groups), ready_path="/health")
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
         with pytest.raises(openai.APIStatusError) as refused:
@@ -238,15 +220,12 @@ def test_serve_sizes_a_planned_group_by_its_traffic_and_routes_by_the_plan(tmp_p
         "min_replicas": 1,
         "max_replicas": 3,
         "interval_s": 0.5,
-        "plan_window_s": 4,
+        "plan_window_s": 3,
     }
     group = {"name": "l4", "gpu": "l4", "model": "llama-3-8b", "autoscale": planned}
-    fleet = _fleet([group], router={"policy": "planned", "debug_header": True})
-    serve = Serve(tmp_path, fleet, "--profiles", str(tmp_path / "profiles"))
-    url = f"http://127.0.0.1:{fleet['gateway']['port']}"
-    admin = f"http://127.0.0.1:{fleet['gateway']['admin_port']}"
+    fleet = fleet_with_admin([group], router={"policy": "planned", "debug_header": True})
+    serve, url, admin = start_serve(tmp_path, fleet, "--profiles", str(tmp_path / "profiles"))
     try:
-        wait_until(lambda: answers(url + "/ready"), timeout=120, message=serve.output())
         assert "profiles: 36 measured, 0 from the cache" in serve.output()
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
@@ -257,10 +236,10 @@ def test_serve_sizes_a_planned_group_by_its_traffic_and_routes_by_the_plan(tmp_p
             raw.parse()
             return raw.headers["x-fleetserve-route"].split(";")[1]
 
-        # an open loop, 24 requests a second for 10 s: twice one L4's profiled rate for this bucket
+        # an open loop, 24 requests a second for 7 s: twice one L4's profiled rate for this bucket
         with concurrent.futures.ThreadPoolExecutor(128) as pool:
             sent = []
-            for index in range(240):
+            for index in range(168):
                 sent.append(pool.submit(ask, index))
                 time.sleep(1 / 24)  # the load's pace, not a synchronisation
             reasons = [future.result() for future in sent]

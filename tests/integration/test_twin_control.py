@@ -14,8 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import openai
-from tests.helpers import free_port, free_ports, wait_until
-from tests.integration.gateway_harness import Process, Serve, answers, get_json, metric_value, post_json
+from tests.helpers import wait_until
+from tests.integration.gateway_harness import (
+    Process,
+    fleet_with_admin,
+    get_json,
+    metric_value,
+    post_json,
+    start_serve,
+)
 
 from fleetserve.config import FleetConfig
 from fleetserve.control import parse_fleet_script
@@ -27,21 +34,7 @@ PROMPT = "x" * (4 * (PROMPT_TOKENS - 1))
 
 
 def _fleet(engines: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    return {
-        "engines": engines,
-        "emulator": {"base_port": free_ports(4)},
-        "gateway": {"port": free_port(), "health_interval_s": 0.2, "admin_port": free_port()},
-        "router": {"policy": "round_robin", "debug_header": True},
-        **extra,
-    }
-
-
-def _start(tmp_path: Path, fleet: dict[str, Any]) -> tuple[Serve, str, str]:
-    serve = Serve(tmp_path, fleet)
-    url = f"http://127.0.0.1:{fleet['gateway']['port']}"
-    admin = f"http://127.0.0.1:{fleet['gateway']['admin_port']}"
-    wait_until(lambda: answers(url + "/ready"), timeout=60, message="gateway ready:\n" + serve.output())
-    return serve, url, admin
+    return fleet_with_admin(engines, router={"policy": "round_robin", "debug_header": True}, **extra)
 
 
 def _complete(client: openai.OpenAI, max_tokens: int, priority: int | None = None) -> str:
@@ -69,7 +62,7 @@ def test_the_priority_queue_orders_the_same_requests_alike_live_and_in_the_twin(
     pipeline = [{"stage": "priority", "params": {"slots_per_engine": 1, "max_wait_s": 120}}]
     group = {"name": "l4", "gpu": "l4", "model": "llama-3-8b", "time_scale": 2.0}
     fleet = _fleet([group], pipeline=pipeline)
-    serve, url, _ = _start(tmp_path, fleet)
+    serve, url, _ = start_serve(tmp_path, fleet)
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
         gateway = Process(serve.popen, url, "gateway")
@@ -116,7 +109,7 @@ def test_a_scripted_scale_out_and_in_places_requests_alike_live_and_in_the_twin(
         {"name": "h100", "gpu": "h100-80g", "model": "llama-3-8b", "replicas": 0, "cold_start_s": 1.0},
     ]
     fleet = _fleet(groups)
-    serve, url, admin = _start(tmp_path, fleet)
+    serve, url, admin = start_serve(tmp_path, fleet)
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
         live = [_complete(client, 4) for _ in range(4)]

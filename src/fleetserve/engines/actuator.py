@@ -171,8 +171,9 @@ class ProcessActuator(FleetActuator, Generic[Handle]):
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        handles, self._handles = list(self._handles.values()), {}
-        for handle in handles:
+        handles, self._handles = self._handles, {}
+        for engine_id, handle in handles.items():
+            log.info("stopping engine %s", engine_id)
             with contextlib.suppress(Exception):
                 await self._terminate(handle)
 

@@ -106,6 +106,15 @@ class RayActuator(ProcessActuator[Any]):
     async def _terminate(self, handle: Any) -> None:
         await asyncio.to_thread(_end, handle)
 
+    async def close(self) -> None:
+        """Stop every engine, then leave the cluster."""
+        import ray
+
+        await super().close()
+        log.info("leaving the Ray cluster")
+        ray.shutdown()
+        log.info("left the Ray cluster")
+
 
 def _end(actor: Any) -> None:
     """Stop the actor's engine, then the actor."""

@@ -28,6 +28,7 @@ from fleetserve.autoscale.loop import (
 )
 from fleetserve.control import FleetActuator
 from fleetserve.control.members import FleetMembers
+from fleetserve.errors import FleetserveError
 from fleetserve.fleet.registry import EngineRegistry
 from fleetserve.fleet.view import ViewBuilder
 from fleetserve.gateway.metrics import GatewayMetrics
@@ -120,10 +121,13 @@ class LiveAutoscaling:
         autoscaler = self.autoscaler
         while True:
             now = self._clock()
-            if self._wake.is_set():
-                self._wake.clear()
-                self._record(autoscaler.activate(now), now)
-            self._record(autoscaler.run(now), now)
+            try:
+                if self._wake.is_set():
+                    self._wake.clear()
+                    self._record(autoscaler.activate(now), now)
+                self._record(autoscaler.run(now), now)
+            except FleetserveError as exc:  # an engine that left meanwhile, say: the next round sees it
+                log.warning("autoscaling round failed: %s", exc)
             delay = max(autoscaler.due() - self._clock(), 0.0)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
