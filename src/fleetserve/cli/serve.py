@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import sys
 import time
@@ -77,7 +78,10 @@ def serve(
     profile_dir: str | None,
     ready_timeout: float,
 ) -> None:
-    """Start the gateway (and the engines) a fleet file describes."""
+    """Start the gateway (and the engines) a fleet file describes, and run its autoscalers.
+
+    Groups autoscaled by `planned` are profiled in the simulator first (every length bucket, cached on
+    disk: see --profiles)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         config = load_fleet(config_path)
@@ -132,7 +136,7 @@ def _planned_profiles(config: FleetConfig, profile_dir: str | None) -> dict[str,
     buckets = LengthBuckets().all()
     count = len(buckets) * len(config.planned_groups())
     click.echo(f"profiling the planned groups: {count} profiles (cached in {store.directory})")
-    options = planned_options(config, buckets, store)
+    options = planned_options(config, buckets, store, workers=os.cpu_count() or 1)
     click.echo(f"profiles: {store.measured} measured, {store.hits} from the cache")
     return options
 

@@ -4,6 +4,7 @@ fleet shapes and rates."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -120,7 +121,7 @@ def _planned(
     buckets = LengthBuckets()
     seen = {buckets.bucket_of(r.input_length, max(r.output_length, 1)) for r in trace}
     store = profile_store(profile_dir)
-    options = planned_options(config, seen, store)
+    options = planned_options(config, seen, store, workers=os.cpu_count() or 1)
     if not quiet:
         click.echo(
             f"planned groups: {store.measured} profile(s) measured, {store.hits} from the cache", err=True

@@ -24,9 +24,11 @@ import dataclasses
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,6 +172,7 @@ def planned_options(
     store: ProfileStore,
     catalog: Catalog | None = None,
     on_measured: Callable[[ProfileRequest, float, bool], None] | None = None,
+    workers: int = 1,
 ) -> dict[str, GpuOption]:
     """Group name -> its GPU option (price, profiled capacity per bucket), for every group the `planned`
     autoscaler sizes: what `FleetConfig.autoscaled_groups` needs for them."""
@@ -181,7 +184,7 @@ def planned_options(
         target = group.autoscale.plan_target
         requests = [ProfileRequest(group, bucket, config.slo, target) for bucket in wanted]
         name = option_name(group.gpu or "", group.tp)
-        capacities = profile_capacities(requests, store, catalog, on_measured).get(name, {})
+        capacities = profile_capacities(requests, store, catalog, on_measured, workers).get(name, {})
         options[group.name] = GpuOption(
             name, catalog.gpu(group.gpu or "").usd_per_hour * group.tp, capacities
         )
@@ -193,16 +196,21 @@ def profile_capacities(
     store: ProfileStore,
     catalog: Catalog | None = None,
     on_measured: Callable[[ProfileRequest, float, bool], None] | None = None,
+    workers: int = 1,
 ) -> dict[str, dict[str, float]]:
-    """option name -> bucket key -> capacity (req/s), from the store where it has the key."""
+    """option name -> bucket key -> capacity (req/s), from the store where it has the key. `workers` > 1
+    measures the missing profiles in that many forked processes (call it from a process with no threads
+    running, as the CLI does before it serves)."""
     catalog = catalog or default_catalog()
+    keys = [request.key(catalog) for request in requests]
+    found = [store.get(key) for key in keys]
+    missing = [request for request, value in zip(requests, found, strict=True) if value is None]
+    measured = iter(_measure_all(missing, catalog, workers))
     capacities: dict[str, dict[str, float]] = {}
-    for request in requests:
-        key = request.key(catalog)
-        value = store.get(key)
+    for request, key, value in zip(requests, keys, found, strict=True):
         cached = value is not None
         if value is None:
-            record = measure(request, catalog)
+            record = next(measured)
             record.update(option=request.option, bucket=request.bucket.key, target=request.target)
             store.put(key, record)
             store.measured += 1
@@ -211,3 +219,16 @@ def profile_capacities(
         if on_measured is not None:
             on_measured(request, value, cached)
     return capacities
+
+
+def _measure_all(requests: list[ProfileRequest], catalog: Catalog, workers: int) -> Iterator[dict[str, Any]]:
+    """Each request's measurement, in order (lazily, so progress is reported as they come)."""
+    if workers <= 1 or len(requests) <= 1:
+        return (measure(request, catalog) for request in requests)
+    pool = ProcessPoolExecutor(min(workers, len(requests)), mp_context=multiprocessing.get_context("fork"))
+
+    def results() -> Iterator[dict[str, Any]]:
+        with pool:
+            yield from pool.map(measure, requests, [catalog] * len(requests))
+
+    return results()
