@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import pytest
 
 from fleetserve.autoscale.activator import ActivatorStage
-from fleetserve.autoscale.loop import AutoscaledGroup, EngineMetricSource, FleetAutoscaler
+from fleetserve.autoscale.loop import AutoscaledGroup, FleetAutoscaler
 from fleetserve.config import ConfigError, FleetConfig, parse_fleet
 from fleetserve.control import EngineChange, EngineEvent, FleetActuator, next_engine_id
 from fleetserve.control.members import FleetMembers
@@ -87,10 +87,10 @@ def loop(
         config.autoscaled_groups(),
         actuator,
         members,
-        source or EngineMetricSource(Idle(), members),
         Idle(),
         0.0,
         lambda model: counts.get(model, 0),
+        source,
     )
     return autoscaler, actuator, members
 

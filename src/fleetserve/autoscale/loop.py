@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fleetserve.autoscale.mix import MixPlan
 from fleetserve.autoscale.planned import FleetPlanner, PlannedAutoscaler
@@ -23,10 +23,11 @@ from fleetserve.autoscale.scaler import GroupScaler, Replica, ReplicaState, Scal
 from fleetserve.control.actuator import CannotStart, EngineChange, EngineEvent, FleetActuator
 from fleetserve.control.members import FleetMembers
 from fleetserve.routing.base import RequestInfo
+from fleetserve.routing.planned import PlannedPolicy
 
-# What an engine reports for each autoscaling metric; `tokens_per_s` is computed here from the engine's
-# cumulative output tokens, so both clocks compute it alike.
-ENGINE_READINGS = ("in_flight", "waiting", "kv_usage", "predicted_ttft_ms", "output_tokens")
+if TYPE_CHECKING:
+    from fleetserve.pipeline import RequestPath
+
 TYPICAL_PROMPT_TOKENS = 1024  # the prompt whose predicted TTFT the predicted_ttft_ms metric reads
 STATES: dict[EngineEvent, ReplicaState] = {
     EngineEvent.STARTING: "starting",
@@ -69,9 +70,10 @@ class ScaleEvent:
 
 
 class EngineReadings(Protocol):
-    """What a driver reads off one engine now: one of `ENGINE_READINGS` (in_flight per unit of relative
-    capacity, waiting requests, KV usage 0-1, the predicted TTFT of a `TYPICAL_PROMPT_TOKENS` prompt in
-    ms, cumulative output tokens), and its requests in flight (to choose whom to drain)."""
+    """What a driver reads off one engine now: `in_flight` per unit of relative capacity, `waiting`
+    requests, `kv_usage` 0-1, `predicted_ttft_ms` of a `TYPICAL_PROMPT_TOKENS` prompt, or cumulative
+    `output_tokens` (`tokens_per_s` is computed here from it, so both clocks compute it alike); and its
+    requests in flight (to choose whom to drain)."""
 
     def reading(self, engine_id: str, name: str, now: float) -> float: ...
     def in_flight(self, engine_id: str) -> int: ...
@@ -118,20 +120,19 @@ class FleetAutoscaler:
         groups: Sequence[AutoscaledGroup],
         actuator: FleetActuator,
         members: FleetMembers,
-        source: MetricSource,
         readings: EngineReadings,
         start: float,
         demand: Callable[[str], int] | None = None,
+        source: MetricSource | None = None,
         keep_events: int | None = None,
-        routes_to: Callable[[dict[str, dict[str, float]]], None] | None = None,
     ) -> None:
-        """`keep_events`: how many scale events to keep (the newest); None: all of them. `routes_to`
-        receives the planned groups' routes (bucket -> GPU type -> requests/s) after each new plan: the
-        `planned` routing policy's `set_routes`, when that policy routes."""
+        """`source`: where each group's metric comes from (default: the engines' `readings`, summed; a
+        scripted source replays another run's). `keep_events`: how many scale events to keep (the
+        newest); None: all of them."""
         self.groups = {group.name: group for group in groups}
         self.actuator = actuator
         self.members = members
-        self.source = source
+        self.source = source or EngineMetricSource(readings, members)
         self.readings = readings
         self.start = start
         self.demand = demand
@@ -145,13 +146,19 @@ class FleetAutoscaler:
             autoscaler = group.scaler.autoscaler
             if isinstance(autoscaler, PlannedAutoscaler) and autoscaler.planner is not None:
                 self.planners[group.model] = autoscaler.planner
-        self._routes_to = routes_to
+        self._routes_to: Callable[[dict[str, dict[str, float]]], None] | None = None
         self._plans_seen: dict[str, MixPlan | None] = {}
         actuator.subscribe(self._changed)
 
-    def arrived(self, request: RequestInfo) -> None:
-        """A request arrived: the traffic window of its model's planned groups (observe the request
-        path with this when `planners` is not empty)."""
+    def follow(self, path: RequestPath) -> None:
+        """Count the requests of `path` as the planned groups' traffic, and hand each new plan's routes
+        (bucket -> GPU type -> requests/s) to its routing policy when that is `planned`."""
+        if self.planners:
+            path.observe(self._arrived)
+        if isinstance(path.policy, PlannedPolicy):
+            self._routes_to = path.policy.set_routes
+
+    def _arrived(self, request: RequestInfo) -> None:
         planner = self.planners.get(request.model)
         if planner is not None:
             planner.arrived(request.prompt_len, request.max_output_tokens, request.arrival_time)
@@ -238,8 +245,9 @@ class FleetAutoscaler:
             group.scaler.observe(now, total)
         # requests waiting for a replica start one in the model's first group, and only when the model
         # has none anywhere
-        activates = self.demand is not None and self._first_of(group.model) == group.name
-        waiting = self.demand(group.model) if activates and self._idle(group.model) else 0  # type: ignore[misc]
+        waiting = 0
+        if self.demand is not None and self._first_of(group.model) == group.name and self._idle(group.model):
+            waiting = self.demand(group.model)
         actions = group.scaler.step(replicas, now, waiting_for_replica=waiting)
         self.last[group.name] = actions
         for engine_id in (*actions.never_ready, *actions.stop):

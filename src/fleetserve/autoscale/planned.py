@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter, deque
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from fleetserve.autoscale.base import Autoscaler, Decision, GroupStatus
@@ -125,27 +124,19 @@ class FleetPlanner:
             if key not in servable
         ]
         if not servable:
-            self.plan = _at_minimum(options)
+            self.plan = _fixed(options, {o.name: o.min_replicas for o in options}, 0.0)
             return
         try:
             self.plan = solve_mix(servable, options, slice_factor=self.slice_factor, headroom=self.headroom)
         except NoFeasibleMix as exc:  # more traffic than the groups' maximums carry: all of them
             self.notes.append(f"{exc}; every group at its maximum")
-            self.plan = _at_maximum(options)
+            self.plan = _fixed(options, {o.name: o.max_replicas or o.min_replicas for o in options}, 1.0)
 
 
-def _at_minimum(options: list[GpuOption]) -> MixPlan:
-    replicas = {option.name: option.min_replicas for option in options}
-    return MixPlan(replicas, {}, _price(options, replicas), dict.fromkeys(replicas, 0.0))
-
-
-def _at_maximum(options: list[GpuOption]) -> MixPlan:
-    replicas = {option.name: option.max_replicas or option.min_replicas for option in options}
-    return MixPlan(replicas, {}, _price(options, replicas), dict.fromkeys(replicas, 1.0))
-
-
-def _price(options: list[GpuOption], replicas: Mapping[str, int]) -> float:
-    return sum(option.usd_per_hour * replicas[option.name] for option in options)
+def _fixed(options: list[GpuOption], replicas: dict[str, int], utilisation: float) -> MixPlan:
+    """A plan of given counts, with no routes (nothing to carry, or more than the groups can)."""
+    usd = sum(option.usd_per_hour * replicas[option.name] for option in options)
+    return MixPlan(replicas, {}, usd, dict.fromkeys(replicas, utilisation))
 
 
 def planned_group(name: str, option: GpuOption, min_replicas: int, max_replicas: int) -> PlannedGroup:

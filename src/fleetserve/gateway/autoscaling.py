@@ -21,7 +21,6 @@ from typing import Any
 from fleetserve.autoscale.loop import (
     TYPICAL_PROMPT_TOKENS,
     AutoscaledGroup,
-    EngineMetricSource,
     FleetAutoscaler,
     MetricSource,
     ScaleEvent,
@@ -33,7 +32,6 @@ from fleetserve.fleet.registry import EngineRegistry
 from fleetserve.fleet.view import ViewBuilder
 from fleetserve.gateway.metrics import GatewayMetrics
 from fleetserve.pipeline import RequestPath
-from fleetserve.routing.planned import PlannedPolicy
 
 log = logging.getLogger(__name__)
 
@@ -87,23 +85,19 @@ class LiveAutoscaling:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`source` replaces the engines' metrics (a scripted one, to replay a simulated run's)."""
-        readings = GatewayReadings(registry, views)
         self._clock = clock
         self.autoscaler = FleetAutoscaler(
             groups,
             actuator,
             members,
-            source or EngineMetricSource(readings, members),
-            readings,
+            GatewayReadings(registry, views),
             clock(),
             demand,
+            source,
             keep_events=RECENT_EVENTS,
-            routes_to=None
-            if path is None or not isinstance(path.policy, PlannedPolicy)
-            else path.policy.set_routes,
         )
-        if path is not None and self.autoscaler.planners:
-            path.observe(self.autoscaler.arrived)
+        if path is not None:
+            self.autoscaler.follow(path)
         self._metrics = metrics
         self._wake = asyncio.Event()
         for group in groups:

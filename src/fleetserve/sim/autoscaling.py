@@ -8,7 +8,6 @@ from collections.abc import Callable, Mapping
 
 from fleetserve.autoscale.loop import (
     TYPICAL_PROMPT_TOKENS,
-    EngineMetricSource,
     FleetAutoscaler,
     MetricSource,
 )
@@ -17,7 +16,6 @@ from fleetserve.config import FleetConfig
 from fleetserve.control import FleetActuator
 from fleetserve.control.members import FleetMembers
 from fleetserve.pipeline import RequestPath
-from fleetserve.routing.planned import PlannedPolicy
 from fleetserve.sim.errors import SimInputError
 from fleetserve.sim.fleet import SimEngine, SimFleet
 
@@ -80,17 +78,8 @@ def sim_autoscaler(
     for engine in fleet.live():
         members.adopt(engine.engine_id, engine.group.name, start)
     actuator.subscribe(members.record)
-    readings = SimReadings(fleet, current)
     autoscaler = FleetAutoscaler(
-        groups,
-        actuator,
-        members,
-        source or EngineMetricSource(readings, members),
-        readings,
-        start,
-        demand,
-        routes_to=path.policy.set_routes if isinstance(path.policy, PlannedPolicy) else None,
+        groups, actuator, members, SimReadings(fleet, current), start, demand, source
     )
-    if autoscaler.planners:
-        path.observe(autoscaler.arrived)
+    autoscaler.follow(path)
     return autoscaler
