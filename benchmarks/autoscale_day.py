@@ -20,7 +20,7 @@ from common import publish, section_head
 from fleetserve.autoscale.mix import LengthBuckets
 from fleetserve.config import FleetConfig
 from fleetserve.sim import SimOptions, simulate
-from fleetserve.sim.planner import PlanOptions, fewest_passing, plan_fleet
+from fleetserve.sim.planner import PlanOptions, bucket_demand, fewest_passing, plan_fleet
 from fleetserve.sim.profiles import ProfileStore, default_profile_dir, planned_options
 from fleetserve.workload import TraceRequest
 from fleetserve.workload.generators import WorkloadSpec, ZipfLengths, generate
@@ -104,8 +104,7 @@ def main() -> None:
             rows.append((f"static {replicas} x {gpu}", summary))
     store = ProfileStore(default_profile_dir())
     rows.append(planned_static(trace, args.target, store))
-    buckets = LengthBuckets()
-    seen = {buckets.bucket_of(r.input_length, max(r.output_length, 1)) for r in trace}
+    seen = bucket_demand(trace, LengthBuckets())
     for headroom in HEADROOMS:
         config = planned_fleet(headroom)
         options = SimOptions(planned_options=planned_options(config, seen, store))

@@ -24,6 +24,7 @@ from fleetserve.routing import make_policy
 from fleetserve.sim import SimOptions, find_capacity, plan_cells, run_sweep, simulate
 from fleetserve.sim.capacity import Probe
 from fleetserve.sim.metrics import FAILURE_REASONS
+from fleetserve.sim.planner import bucket_demand
 from fleetserve.sim.profiles import ProfileStore, default_profile_dir, planned_options
 from fleetserve.workload import TraceRequest, TransformSpec, apply_transforms, read_trace
 
@@ -118,9 +119,8 @@ def _planned(
     config: FleetConfig, trace: list[TraceRequest], profile_dir: str | None, quiet: bool
 ) -> dict[str, GpuOption]:
     """The planned groups' profiles over the length buckets of the trace."""
-    buckets = LengthBuckets()
-    seen = {buckets.bucket_of(r.input_length, max(r.output_length, 1)) for r in trace}
     store = profile_store(profile_dir)
+    seen = bucket_demand(trace, LengthBuckets())
     options = planned_options(config, seen, store, workers=os.cpu_count() or 1)
     if not quiet:
         click.echo(
