@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-system_packages=(build-essential cmake git redis-server)
+system_packages=(build-essential cmake git redis-server procps)  # procps: pgrep, which the Ray test uses
 missing=()
 for pkg in "${system_packages[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

@@ -19,11 +19,14 @@ from tests.helpers import free_ports, wait_until
 from tests.integration.gateway_harness import Process, fleet_with_admin, get_json, metric_value, start_serve
 
 from fleetserve.autoscale.loop import AutoscaledGroup
+from fleetserve.autoscale.mix import LengthBuckets
 from fleetserve.config import FleetConfig
 from fleetserve.engines.actuator import LocalActuator
 from fleetserve.engines.fleet import launch_engines
 from fleetserve.gateway.app import Gateway
 from fleetserve.sim import SimOptions, simulate
+from fleetserve.sim.planner import bucket_demand
+from fleetserve.sim.profiles import ProfileStore, planned_options
 from fleetserve.workload import TraceRequest
 
 FAST = {"interval_s": 0.5, "stable_window_s": 3, "panic_window_s": 1.5, "scale_down_cooldown_s": 2}
@@ -108,6 +111,7 @@ def test_a_group_at_zero_starts_a_replica_for_the_first_request_and_returns_to_z
         assert (first["from"], first["to"], first["reason"]) == (0, 1, "activate")
         wait_until(lambda: _states(admin, "l4") == {}, timeout=60, message="back to zero:\n" + serve.output())
         assert _events(admin)[-1]["to"] == 0
+        live = [(e["from"], e["to"], e["reason"]) for e in _events(admin) if e["group"] == "l4"]
         with pytest.raises(openai.APIStatusError) as refused:
             client.completions.create(model="qwen2.5-7b", prompt="hello", max_tokens=4)
         assert refused.value.status_code == 503
@@ -115,6 +119,12 @@ def test_a_group_at_zero_starts_a_replica_for_the_first_request_and_returns_to_z
         assert "became ready within 0.05 s" in refused.value.message
     finally:
         serve.kill()
+    # the twin, with the same fleet file and the same request (and one later, to keep its clock going
+    # past the quiet), takes the same decisions: activate from zero, then back to zero
+    config = FleetConfig.model_validate(fleet_with_admin(groups))
+    trace = [TraceRequest(0.0, 16, 8), TraceRequest(120_000.0, 16, 8)]
+    twin = [(e["from"], e["to"], e["reason"]) for e in simulate(config, trace).summary["scale_events"]]
+    assert live == twin[: len(live)] == [(0, 1, "activate"), (1, 0, "scale")]
 
 
 @pytest.mark.llamacpp
@@ -229,11 +239,15 @@ def test_serve_sizes_a_planned_group_by_its_traffic_and_routes_by_the_plan(tmp_p
         assert "profiles: 36 measured, 0 from the cache" in serve.output()
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
+        prompt_tokens: dict[int, int] = {}
+
         def ask(index: int) -> str:
             raw = client.completions.with_raw_response.create(
                 model="llama-3-8b", prompt=f"{index} " * 60, max_tokens=64, extra_body={"ignore_eos": True}
             )
-            raw.parse()
+            usage = raw.parse().usage
+            assert usage is not None
+            prompt_tokens[index] = usage.prompt_tokens
             return raw.headers["x-fleetserve-route"].split(";")[1]
 
         # an open loop, 24 requests a second for 7 s: twice one L4's profiled rate for this bucket
@@ -247,5 +261,16 @@ def test_serve_sizes_a_planned_group_by_its_traffic_and_routes_by_the_plan(tmp_p
         assert grew and grew[0]["to"] >= 2 and grew[0]["observed"] > 10, serve.output()  # req/s planned for
         assert "unplanned" in reasons[:8] and "planned" in reasons[-8:]  # routes once a plan exists
         wait_until(lambda: len(_states(admin, "l4")) == 1, timeout=60, message="shrunk:\n" + serve.output())
+        live = [e["to"] for e in _events(admin) if e["reason"] == "planned"]
     finally:
         serve.kill()
+    # the twin, with the same profiles and the same requests at the same pace, sizes the group alike
+    trace = [TraceRequest(index * 1000 / 24, prompt_tokens[index], 64) for index in range(168)]
+    trace.append(TraceRequest(30_000.0, 16, 8))  # keeps the twin's clock going past the quiet
+    config = FleetConfig.model_validate(fleet)
+    options = planned_options(
+        config, bucket_demand(trace, LengthBuckets()), ProfileStore(tmp_path / "profiles")
+    )
+    result = simulate(config, trace, options=SimOptions(planned_options=options))
+    twin = [e["to"] for e in result.summary["scale_events"] if e["reason"] == "planned"]
+    assert max(live) == max(twin) and live[-1] == twin[-1] == 1, (live, twin)
